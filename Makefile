@@ -1,0 +1,55 @@
+# spam_mlops: two commands on a fresh machine — `make demo` (the whole system on its embedded defaults)
+# and `make test`. Both install what they need first.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3.11
+# Where the corpus comes from: the UCI download by default; on machines without internet access point
+# SPAM_MLOPS_SOURCE at a local copy (this repository's CI and demo use ../shared/data when it exists).
+LOCAL_CORPUS := $(wildcard ../shared/data/SMSSpamCollection)
+ifneq ($(LOCAL_CORPUS),)
+export SPAM_MLOPS_SOURCE ?= $(abspath $(LOCAL_CORPUS))
+endif
+export SPAM_MLOPS_LAKE ?= ./lake
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: install demo test lint lab readme check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=25"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/spam-mlops ingest
+	$(BIN)/spam-mlops curate
+	$(BIN)/spam-mlops features
+
+test: install
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/pytest -ra
+
+# notebooks and library in sync, outputs clean (CI fails on any diff)
+check: install
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+	git diff --exit-code -- nbs spam_mlops || (echo "Notebooks and library are not in sync, or outputs not clean" && exit 1)
+
+lint: install
+	$(BIN)/ruff check spam_mlops tests bench
+
+lab: install
+	$(BIN)/jupyter lab nbs/
+
+# README.md is rendered from nbs/index.ipynb (nbdev-readme needs Quarto; nbconvert does the same offline)
+readme: install
+	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+bench: install
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf lake mlflow.db mlruns _proc _docs

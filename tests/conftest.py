@@ -1,0 +1,81 @@
+"""Shared fixtures: the corpus, a local lake with the pipeline run, and a real S3 API server (moto)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(os.environ.get("SPAM_MLOPS_SOURCE", ROOT.parent / "shared" / "data" / "SMSSpamCollection")).resolve()
+
+
+def free_port() -> int:
+    "A TCP port nobody listens on right now."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    "Wait until `url` answers, or fail."
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    "The SMS Spam Collection on disk (SPAM_MLOPS_SOURCE or ../shared/data)."
+    if not CORPUS.is_file():
+        pytest.fail(f"corpus not found at {CORPUS}: set SPAM_MLOPS_SOURCE")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    "A real S3 API server (moto's standalone server) on a free port; yields its endpoint URL."
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    "Environment pointing S3 clients at the test server with dummy credentials."
+    for k, v in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def pipeline_lake(tmp_path_factory, corpus):
+    "A local lake with ingest, curate and features run on the full corpus; yields its Settings."
+    from spam_mlops.config import get_settings
+    from spam_mlops.curate import curate
+    from spam_mlops.features import features
+    from spam_mlops.ingest import ingest
+
+    settings = get_settings(lake=str(tmp_path_factory.mktemp("lake")), source=str(corpus))
+    ingest(settings)
+    curate(settings)
+    features(settings)
+    return settings

@@ -1,0 +1,78 @@
+"""The `spam-mlops` command as a user runs it: stages, papermill runs kept in the lake, clear failures, and the
+package built as a wheel and installed into a fresh virtualenv."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "spam-mlops")
+
+
+def _cli(*args, env=None, cwd=ROOT):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def lake_env(tmp_path, corpus):
+    return {"SPAM_MLOPS_LAKE": str(tmp_path / "lake"), "SPAM_MLOPS_SOURCE": str(corpus)}
+
+
+def test_stages_from_the_command_line(lake_env):
+    out = [_cli(stage, env=lake_env) for stage in ("ingest", "curate", "features")]
+    assert [r.returncode for r in out] == [0, 0, 0], [r.stderr for r in out]
+    assert "5574 accepted, 0 refused" in out[0].stdout
+    assert "5171 rows out" in out[1].stdout and "403 exact duplicates" in out[1].stdout
+    assert "5171 rows" in out[2].stdout
+
+
+def test_papermill_runs_are_kept_in_the_lake(lake_env):
+    for nb in ("00_ingest", "01_curate", "02_features"):
+        r = _cli("run", nb, env=lake_env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "succeeded" in r.stdout
+    runs = sorted(p.name for p in (Path(lake_env["SPAM_MLOPS_LAKE"]) / "runs").iterdir())
+    assert [r.split("-", 1)[1] for r in runs] == ["00_ingest.ipynb", "01_curate.ipynb", "02_features.ipynb"]
+    assert (Path(lake_env["SPAM_MLOPS_LAKE"]) / "features" / "nlp_features.parquet").exists()
+
+
+def test_failures_are_one_clear_line(tmp_path, lake_env):
+    r = _cli("ingest", env={**lake_env, "SPAM_MLOPS_SOURCE": str(tmp_path / "missing.txt")})
+    assert r.returncode == 1 and r.stderr.strip() == f"error: source not found: {tmp_path / 'missing.txt'}"
+    r = _cli("curate", env={**lake_env, "SPAM_MLOPS_LAKE": str(tmp_path / "empty")})
+    assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("ingest", env={**lake_env, "SPAM_MLOPS_LAKE": "ftp://x"})
+    assert r.returncode == 1 and "SPAM_MLOPS_LAKE" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ham\tok\nnot a message\n")
+    r = _cli("run", "00_ingest", "-p", "SOURCE", str(bad), env=lake_env)
+    assert r.returncode == 0 and "succeeded" in r.stdout  # one line refused, quarantined, the run succeeds
+    r = _cli("run", "00_ingest", "-p", "SOURCE", str(tmp_path / "none"), env=lake_env)
+    assert r.returncode == 1 and "IngestError" in r.stderr and "-FAILED.ipynb" in r.stderr
+
+
+def test_wheel_installs_into_a_fresh_virtualenv(tmp_path):
+    "Build the wheel, install it alone into a new venv (dependencies shared read-only), run the CLI there."
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("spam_mlops-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = subprocess.run([sys.executable, "-c", "import pandas, os; print(os.path.dirname(os.path.dirname(pandas.__file__)))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "shared_deps.pth").write_text(deps + "\n")  # a plain path: the dev venv's editable hook stays off
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
+    where = subprocess.run([str(py), "-c", "import spam_mlops; print(spam_mlops.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert where.startswith(site), where
+    r = subprocess.run([str(env_dir / "bin" / "spam-mlops"), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "ingest" in r.stdout and "curate" in r.stdout

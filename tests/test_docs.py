@@ -1,0 +1,80 @@
+"""The docs pipeline, checked offline: nbdev processes the notebooks as `nbdev-docs` would, nbconvert renders
+each to HTML (Quarto cannot be installed here), and headless Chromium opens every page: its title and its
+prose must be there."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _first_markdown(nb: dict) -> tuple[str, str]:
+    "The H1 title and the first line of prose after it."
+    title = prose = None
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "markdown": continue
+        for line in "".join(cell["source"]).splitlines():
+            line = line.strip()
+            if title is None and line.startswith("# "): title = line[2:].strip()
+            elif title and line and not line.startswith(("#", ">", "|", "`", "-", "!", "<", "`")) and prose is None:
+                prose = line.split("`")[0].split("[")[0].split("*")[0][:40].strip()
+        if title and prose: break
+    return title, prose
+
+
+def _front_matter_to_title(nb: dict) -> None:
+    "Render nbdev's YAML front matter (title, description) as the page heading, as Quarto does."
+    src = "".join(nb["cells"][0]["source"])
+    if nb["cells"][0]["cell_type"] == "markdown" and src.startswith("---"):
+        meta = yaml.safe_load(src.split("---")[1])
+        nb["cells"][0]["source"] = f"# {meta['title']}\n\n> {meta.get('description', '')}\n"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from nbdev.serve import proc_nbs
+    proc_nbs(path=str(ROOT / "nbs"), n_workers=0, force=True)
+    proc = ROOT / "_proc"
+    html = tmp_path_factory.mktemp("html")
+    nbs = []
+    for p in sorted(proc.glob("*.ipynb")):  # nbdev marks cells with keys of its own that nbformat refuses
+        nb = json.loads(p.read_text())
+        for cell in nb["cells"]:
+            for k in set(cell) - {"cell_type", "source", "metadata", "outputs", "execution_count", "id", "attachments"}:
+                del cell[k]
+            cell["metadata"] = {}
+        _front_matter_to_title(nb)
+        (html / p.name).write_text(json.dumps(nb))
+        nbs.append(html / p.name)
+    subprocess.run([str(ROOT / ".venv/bin/jupyter"), "nbconvert", "--to", "html", "--output-dir", str(html),
+                    "--log-level", "WARN", *map(str, nbs)], check=True)
+    return proc, html
+
+
+def test_every_notebook_is_processed(site):
+    proc, _ = site
+    assert {p.name for p in proc.glob("*.ipynb")} == {p.name for p in (ROOT / "nbs").glob("*.ipynb")}
+    assert (proc / "sidebar.yml").exists() and (proc / "_quarto.yml").exists()
+
+
+@pytest.mark.skipif(not CHROMIUM and not __import__("os").environ.get("CI"), reason="chromium not installed")
+def test_pages_render_in_chromium(site, tmp_path):
+    proc, html = site
+    assert CHROMIUM, "chromium is required in CI (apt-get install chromium)"
+    for nb_path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        title, prose = _first_markdown(json.loads(nb_path.read_text()))
+        assert title and prose, f"{nb_path.name} lacks a title or prose"
+        page = html / f"{nb_path.stem}.html"
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                              "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                              "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                              page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        assert f">{title}<" in dom or f">{title}\n" in dom or title in dom, f"{page.name}: title {title!r} missing"
+        assert prose in dom, f"{page.name}: prose {prose!r} missing"
