@@ -1,0 +1,205 @@
+"""Training: split, model, the shared loop (in-process and on Ray Train with 2 workers), MLflow run, registry gate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from spam_mlops.config import get_settings
+from spam_mlops.curate import clean_text, read_curated
+from spam_mlops.lake import Lake
+from spam_mlops.train import (DEFAULT_CONFIG, RegistryError, TrackingError, TrainError, build_model, class_weights,
+                              export_model, fit_model, load_keras_model, predict_texts, prepare_data, promote,
+                              run_trainer, sample_frame, split_frame, split_of, train, training_frame)
+
+TINY = {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 2, "batch_size": 32}
+
+
+def _frame(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype("int64")
+    words = np.where(y[:, None], rng.choice(["win", "prize", "cash", "xphone"], (n, 4)),
+                     rng.choice(["ok", "home", "later", "dinner"], (n, 4)))
+    return pd.DataFrame({"message_id": [f"{i:016x}" for i in range(n)], "label": np.where(y, "spam", "ham"),
+                         "clean_text": [" ".join(w) for w in words], "y": y})
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    "A fresh SQLite tracking store; yields settings pointing at the session lake and it."
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+# --- split ---------------------------------------------------------------------------------------------------------
+
+def test_split_is_a_pure_function_of_message_id():
+    ids = pd.Series([f"{i:016x}" for i in range(2000)])
+    a = split_of(ids)
+    b = split_of(ids.iloc[::-1].reset_index(drop=True))[::-1]  # other order
+    c = split_of(ids.iloc[:500])  # other rows around it
+    assert (a == b).all() and (a[:500] == c).all()
+    frac = pd.Series(a).value_counts(normalize=True)
+    assert abs(frac["train"] - 0.8) < 0.03 and abs(frac["val"] - 0.1) < 0.02 and abs(frac["test"] - 0.1) < 0.02
+
+
+def test_split_frame_is_stratified_and_stable(pipeline_lake):
+    df = training_frame(pipeline_lake)
+    parts = split_frame(df)
+    assert sum(len(p) for p in parts.values()) == len(df)
+    for p in parts.values():  # same spam share in every split (within sampling noise)
+        assert abs(p.y.mean() - df.y.mean()) < 0.03
+    again = split_frame(df.sample(frac=1.0, random_state=1))
+    assert set(again["test"].message_id) == set(parts["test"].message_id)
+    sub = split_frame(sample_frame(df, 1000))  # a sample keeps every message in its split
+    assert set(sub["test"].message_id) <= set(parts["test"].message_id)
+
+
+def test_training_frame_joins_features(pipeline_lake):
+    df = training_frame(pipeline_lake)
+    assert len(df) == len(read_curated(Lake.from_settings(pipeline_lake)))
+    assert {"message_id", "label", "clean_text", "y", "text_length", "has_url"} <= set(df.columns)
+
+
+@pytest.mark.parametrize("df, msg", [(_frame().iloc[:0], "empty"), (_frame().query("y == 0"), "single class"),
+                                     (_frame(6), "not both classes")])
+def test_bad_training_sets(df, msg):
+    with pytest.raises(TrainError, match=msg):
+        split_frame(df)
+
+
+def test_missing_curated_data(tmp_path):
+    with pytest.raises(TrainError, match="no curated data"):
+        training_frame(get_settings(lake=str(tmp_path / "empty")))
+
+
+# --- model and loop ------------------------------------------------------------------------------------------------
+
+def test_build_model_is_the_seed_network():
+    m = build_model(100, 16, 20, 0.3, 12)
+    assert [type(l).__name__ for l in m.layers] == ["InputLayer", "Embedding", "LSTM", "Dense"]
+    assert m.output.shape == (None, 1) and m.loss == "binary_crossentropy"
+    assert m.get_layer("lstm").units == 20 and m.get_layer("embedding").output_dim == 16
+
+
+def test_class_weights_balance_the_classes():
+    y = np.array([0] * 90 + [1] * 10)
+    w = class_weights(y)
+    assert w[0] * 90 == pytest.approx(w[1] * 10)
+    assert class_weights(y, 0.0) == {0: 1.0, 1: 1.0}
+
+
+def test_fit_model_reports_each_epoch_and_stops_early():
+    parts = split_frame(_frame(600))
+    c = DEFAULT_CONFIG | TINY | {"epochs": 30, "patience": 1, "learning_rate": 0.05}
+    data = prepare_data(parts, c)
+    seen = []
+    net, hist = fit_model(c, data, report=seen.append)
+    assert seen == hist and len(hist) < 30  # early stopping ended it
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "val_mcc"} <= set(hist[0])
+    served = export_model(data["vocabulary"], net, c["max_len"])
+    assert served.input.dtype == "string" and type(served.layers[1]).__name__ == "TextVectorization"
+    p = predict_texts(served, parts["test"].clean_text)
+    assert ((p > 0.5) == parts["test"].y.values).mean() > 0.95
+
+
+def test_ray_train_with_two_workers():
+    import ray
+    parts = split_frame(_frame(400))
+    c = DEFAULT_CONFIG | TINY
+    data = prepare_data(parts, c)
+    try:
+        net, hist = run_trainer(c, data, workers=2)
+    finally:
+        ray.shutdown()
+    assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.9
+    p = predict_texts(export_model(data["vocabulary"], net, c["max_len"]), parts["test"].clean_text)
+    assert ((p > 0.5) == parts["test"].y.values).mean() > 0.9
+
+
+def test_clean_text_is_idempotent(pipeline_lake):
+    cur = read_curated(Lake.from_settings(pipeline_lake))
+    assert (clean_text(cur.clean_text).astype(str).values == cur.clean_text.astype(str).values).all()
+
+
+# --- MLflow run, registry, gate ------------------------------------------------------------------------------------
+
+def test_train_logs_a_complete_run_and_gates(pipeline_lake, tracking):
+    s = get_settings(lake=pipeline_lake.lake)
+    first = train(s, TINY | {"epochs": 3}, sample_n=1200, workers=0, recall_floor=0.0)
+    run = mlflow.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    params, metrics = run.data.params, run.data.metrics
+    assert {"embedding_dim", "lstm_units", "dropout", "batch_size", "raw_sha256", "git_commit"} <= set(params)
+    assert params["raw_sha256"] == Lake.from_settings(s).read_json("raw/manifest.json")["source_sha256"]
+    for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "mcc"):
+        assert f"test_{k}" in metrics and f"baseline_test_{k}" in metrics
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(first.run_id, "val_loss")) == len(first.history)
+    arts = {a.path for a in client.list_artifacts(first.run_id, "plots")}
+    assert arts == {"plots/confusion_matrix.html", "plots/roc_curve.html", "plots/pr_curve.html"}
+    assert {a.path for a in client.list_artifacts(first.run_id, "tokenizer")} >= {"tokenizer/vocabulary.txt"}
+    assert first.gate["decision"] == "promoted" and run.data.tags["gate.decision"] == "promoted"
+    champ = client.get_model_version_by_alias(s.model_name, "champion")
+    assert str(champ.version) == first.version
+
+    # the champion: one .keras file, loadable as Keras and as pyfunc on a DataFrame of raw strings
+    local = mlflow.artifacts.download_artifacts(f"models:/{s.model_name}@champion")
+    assert len(list(Path(local).rglob("*.keras"))) == 1
+    k = load_keras_model(f"models:/{s.model_name}@champion")
+    assert k.input.dtype == "string" and k.output.shape == (None, 1)
+    p = mlflow.pyfunc.load_model(f"models:/{s.model_name}@champion").predict(
+        pd.DataFrame({"text": ["WINNER!! Claim your £900 prize, call 09061701461", "ok see you at home"]}))
+    assert p.shape == (2,) and 0 <= p.min() and p.max() <= 1
+
+    # a deliberately worse model gets challenger but not champion; both scores are on its run
+    worse = train(s, TINY | {"epochs": 1, "lstm_units": 1, "embedding_dim": 1, "learning_rate": 1e-6},
+                  sample_n=1200, workers=0, recall_floor=0.0)
+    assert worse.gate["decision"].startswith("rejected")
+    assert client.get_model_version_by_alias(s.model_name, "champion").version == int(first.version)
+    assert client.get_model_version_by_alias(s.model_name, "challenger").version == int(worse.version)
+    wm = mlflow.get_run(worse.run_id).data.metrics
+    assert wm["gate_champion_mcc"] == pytest.approx(first.metrics["mcc"], abs=1e-6)
+    assert wm["gate_challenger_mcc"] < wm["gate_champion_mcc"]
+
+
+def test_gate_rules(pipeline_lake, tracking):
+    s = get_settings(lake=pipeline_lake.lake)
+    train(s, TINY, sample_n=600, workers=0, recall_floor=0.0)
+    client = mlflow.MlflowClient()
+    v = client.get_model_version_by_alias(s.model_name, "champion").version
+    test = split_frame(sample_frame(training_frame(s), 600))["test"]
+    low_recall = promote(client, s.model_name, v, {"mcc": 1.0, "recall": 0.5}, test, recall_floor=0.9)
+    assert low_recall["decision"] == "rejected: spam recall below floor"
+    not_better = promote(client, s.model_name, v, {"mcc": -1.0, "recall": 1.0}, test)
+    assert not_better["decision"] == "rejected: champion MCC not beaten"
+
+
+def test_failed_run_is_marked_failed(tmp_path, tracking):
+    s = get_settings(lake=str(tmp_path / "nolake"))
+    with pytest.raises(TrainError, match="no curated data"):
+        train(s, TINY, workers=0)
+    runs = mlflow.search_runs(experiment_names=[s.experiment])
+    assert runs.status.tolist() == ["FAILED"] and "no curated data" in runs["tags.error"][0]
+
+
+def test_unreachable_tracking_server(pipeline_lake):
+    from conftest import free_port
+    s = get_settings(lake=pipeline_lake.lake, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingError, match="unreachable"):
+        train(s, TINY, workers=0)
+
+
+def test_unknown_registered_model(tracking):
+    with pytest.raises(RegistryError, match="no_such_model"):
+        load_keras_model("models:/no_such_model@champion")
+
+
+def test_unknown_config_key(pipeline_lake, tracking):
+    with pytest.raises(TrainError, match="lstm_unit"):
+        train(get_settings(lake=pipeline_lake.lake), {"lstm_unit": 3}, workers=0)
