@@ -1,0 +1,303 @@
+"""Prometheus rules, scrape configuration, Grafana dashboards and the canary analysis queries.
+
+- promtool (Debian's prometheus package) checks the rules and runs their unit tests with synthetic series;
+- the metric-name table at the top of monitoring/alert-rules.yaml is the one place raw metric names
+  appear: dashboards, alerts and the AnalysisTemplate use only the recorded series;
+- a real Prometheus scrapes a synthetic exporter of every metric in that table (labels as in the table)
+  and evaluates the recording rules; then every dashboard panel's PromQL, every alert expression and
+  every canary-analysis query runs against it without error and returns data. (The same queries against
+  the real running API are the drift/monitoring issue's integration test.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MON = ROOT / "monitoring"
+RULES = MON / "alert-rules.yaml"
+DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
+ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(name: str) -> str:
+    "A Debian prometheus binary; fails under CI=true, skips elsewhere, when missing."
+    path = shutil.which(name)
+    if path: return path
+    msg = f"{name} not found: run scripts/install-tools.sh (Debian package prometheus)"
+    if IN_CI: pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def metric_table() -> dict[str, tuple[str, list[str]]]:
+    "name -> (type, labels) from the table at the top of alert-rules.yaml."
+    table = {}
+    for line in RULES.read_text().splitlines():
+        m = re.match(r"#\s*\|\s*([a-z_]+)\s*\|\s*(counter|gauge|histogram)\s*\|\s*([\w, ]*?)\s*\|", line)
+        if m: table[m.group(1)] = (m.group(2), [x.strip() for x in m.group(3).split(",") if x.strip()])
+    return table
+
+
+def raw_names() -> set[str]:
+    "Every series name the table implies (histograms: _bucket, _sum, _count)."
+    names = set()
+    for n, (t, _) in metric_table().items():
+        names |= {f"{n}_bucket", f"{n}_sum", f"{n}_count"} if t == "histogram" else {n}
+    return names
+
+
+def rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
+def recorded() -> set[str]:
+    return {r["record"] for r in rules() if "record" in r}
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    "(dashboard/panel title, expr) of every panel target."
+    out = []
+    for f in DASHBOARDS:
+        for p in json.loads(f.read_text())["panels"]:
+            out += [(f"{f.name}/{p['title']}", t["expr"]) for t in p.get("targets", [])]
+    return out
+
+
+def analysis_queries(canary_hash: str) -> list[tuple[str, str]]:
+    "(metric name, query with the template's args filled in) of the AnalysisTemplate."
+    at = next(d for d in yaml.safe_load_all(ROLLOUT.read_text()) if d["kind"] == "AnalysisTemplate")
+    return [(m["name"], m["provider"]["prometheus"]["query"].replace("{{args.canary-hash}}", canary_hash))
+            for m in at["spec"]["metrics"]]
+
+
+def series_names(expr: str) -> set[str]:
+    "Metric names an expression reads (identifiers that are not functions, keywords or label names)."
+    expr = re.sub(r'"[^"]*"', '""', expr)            # label values
+    expr = re.sub(r"\{[^}]*\}", "", expr)             # label matchers
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)            # ranges
+    words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
+    funcs = set(re.findall(r"([a-zA-Z_]+)\s*\(", expr))
+    keywords = {"sum", "max", "min", "avg", "count", "or", "and", "unless", "bool", "offset", "time", "le"}
+    return {w for w in words - funcs - keywords if not re.fullmatch(r"\d+|[eE]", w) and w not in ("Inf", "NaN")}
+
+
+# ---- promtool -----------------------------------------------------------------------------------------------
+def test_promtool_check_rules():
+    out = subprocess.run([need("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in out.stdout
+
+
+def test_promtool_unit_tests():
+    out = subprocess.run([need("promtool"), "test", "rules", "alert-rules.test.yaml"], cwd=MON, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_promtool_unit_tests_can_fail(tmp_path):
+    "A threshold moved in the rules makes the unit tests fail (they test the thresholds, not just syntax)."
+    (tmp_path / "alert-rules.yaml").write_text(RULES.read_text().replace("spam_api:error_ratio:rate5m > 0.05",
+                                                                           "spam_api:error_ratio:rate5m > 0.5"))
+    shutil.copy(MON / "alert-rules.test.yaml", tmp_path)
+    out = subprocess.run([need("promtool"), "test", "rules", "alert-rules.test.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "SpamApiHighErrorRate" in out.stdout + out.stderr
+
+
+def test_every_required_alert_is_tested():
+    alerts = {r["alert"] for r in rules() if "alert" in r}
+    assert {"SpamApiHighErrorRate", "SpamApiHighLatencyP95", "SpamDriftDetected", "SpamApiNoPredictions",
+            "SpamModelAccuracyLow", "SpamModelAccuracyDropping"} <= alerts
+    tests = yaml.safe_load((MON / "alert-rules.test.yaml").read_text())["tests"]
+    firing = {a["alertname"] for t in tests for a in t.get("alert_rule_test", []) if a["exp_alerts"]}
+    silent = {a["alertname"] for t in tests for a in t.get("alert_rule_test", []) if not a["exp_alerts"]}
+    assert firing == alerts and silent == alerts, (alerts - firing, alerts - silent)
+
+
+def test_prometheus_config_is_valid(tmp_path):
+    """promtool check config on monitoring/prometheus.yml. Debian's build leaves out Kubernetes service
+    discovery, so each kubernetes_sd_configs block is swapped for a static target for the check (the
+    relabelling rules, the jobs and everything else are checked as written)."""
+    cfg = yaml.safe_load((MON / "prometheus.yml").read_text())
+    sd_jobs = []
+    for job in cfg["scrape_configs"]:
+        if job.pop("kubernetes_sd_configs", None) is not None:
+            sd_jobs.append(job["job_name"])
+            job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
+    assert set(sd_jobs) == {"spam-api", "ray", "mlflow"}
+    cfg["rule_files"] = [str(RULES)]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([need("promtool"), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    api = next(j for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"] if j["job_name"] == "spam-api")
+    assert {"rollouts_pod_template_hash", "pod"} <= {r.get("target_label") for r in api["relabel_configs"]}
+
+
+# ---- one place for metric names ---------------------------------------------------------------------------------
+def test_metric_table_lists_the_agreed_names():
+    assert set(metric_table()) == {
+        "ray_spam_api_requests_total", "ray_spam_api_request_latency_seconds", "ray_spam_api_batch_size",
+        "ray_spam_api_predictions_total", "ray_spam_api_model_info", "spam_model_accuracy", "spam_drift_score",
+        "spam_drift_detected", "spam_drift_last_run_timestamp_seconds"}
+
+
+def test_raw_metric_names_only_in_the_recording_rules():
+    raw = raw_names()
+    used = set()
+    for r in rules():
+        names = series_names(r["expr"])
+        if "record" in r: used |= names & raw
+        else: assert not names & raw, f"alert {r['alert']} reads raw series {names & raw}: use a recorded one"
+    unread = [n for n in metric_table() if not any(u == n or u.startswith(n + "_") for u in used)]
+    assert unread == [], f"metrics in the table that no recording rule reads: {unread}"
+    consumers = [(t, e) for t, e in panel_queries()] + analysis_queries("x")
+    for title, expr in consumers:
+        names = series_names(expr)
+        assert names and names <= recorded(), f"{title}: {names - recorded()} is not a recorded series"
+    # and the raw names appear in no other file of the delivery
+    for f in [*DASHBOARDS, ROLLOUT, MON / "prometheus.yml", *(ROOT / "k8s").rglob("*.yaml")]:
+        text = f.read_text()
+        assert not [n for n in metric_table() if n in text], f"{f} names a raw metric"
+
+
+def test_dashboard_covers_the_required_panels():
+    titles = " | ".join(t for t, _ in panel_queries()).lower()
+    for need_ in ("p50 / p95 / p99", "error rate", "throughput", "accuracy trend", "drift scores", "model version"):
+        assert need_ in titles, need_
+    ds = yaml.safe_load((MON / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
+    for f in DASHBOARDS:
+        for p in json.loads(f.read_text())["panels"]:
+            if p["type"] != "row": assert p["datasource"]["uid"] == ds["uid"]
+
+
+# ---- a real Prometheus -------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    "A synthetic exporter of every metric in the table, moving like a live API; yields its port."
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    reg, port, metrics = CollectorRegistry(), _free_port(), {}
+    for name, (kind, labels) in metric_table().items():
+        if kind == "counter": metrics[name] = Counter(name.removesuffix("_total"), name, labels, registry=reg)
+        elif kind == "histogram":
+            buckets = (1, 2, 4, 8, 16, 32, 64) if "batch" in name else (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+            metrics[name] = Histogram(name, name, labels, buckets=buckets, registry=reg)
+        else: metrics[name] = Gauge(name, name, labels, registry=reg)
+    values = {"route": "/api/predict", "label": "spam", "version": "3", "feature": "text_length", "test": "psi"}
+
+    def child(name):
+        m, (_, labels) = metrics[name], metric_table()[name]
+        return m.labels(**{k: values[k] for k in labels}) if labels else m
+    stop = threading.Event()
+
+    def tick():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            metrics["ray_spam_api_requests_total"].labels(route="/api/predict", status="200").inc(20)
+            metrics["ray_spam_api_requests_total"].labels(route="/api/predict", status="500").inc(i % 2)
+            for k in range(20): child("ray_spam_api_request_latency_seconds").observe(0.004 * (1 + k % 7))
+            child("ray_spam_api_batch_size").observe(8)
+            metrics["ray_spam_api_predictions_total"].labels(label="spam").inc(3)
+            metrics["ray_spam_api_predictions_total"].labels(label="ham").inc(17)
+            child("ray_spam_api_model_info").set(1)
+            child("spam_model_accuracy").set(0.98)
+            child("spam_drift_score").set(0.07)
+            child("spam_drift_detected").set(0)
+            child("spam_drift_last_run_timestamp_seconds").set(time.time() - 600)
+            stop.wait(0.2)
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=reg)
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    yield port
+    stop.set()
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(exporter, tmp_path_factory):
+    "A real Prometheus scraping the exporter every second and evaluating the rules; yields its base URL."
+    binary = need("prometheus")
+    d, port = tmp_path_factory.mktemp("prometheus"), _free_port()
+    cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
+           "scrape_configs": [{"job_name": "spam-api", "honor_labels": True, "static_configs": [{
+               "targets": [f"127.0.0.1:{exporter}"],
+               # what the kubernetes_sd relabelling adds in the cluster
+               "labels": {"pod": "spam-api-abc123-x", "rollouts_pod_template_hash": "abc123"}}]}]}
+    (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    log = open(d / "log.txt", "w")
+    proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            assert proc.poll() is None, (d / "log.txt").read_text()[-2000:]
+            try:
+                r = requests.get(f"{url}/api/v1/query", params={"query": "spam_api:latency_seconds:p95_5m"}, timeout=2)
+                if r.ok and r.json()["data"]["result"]: break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("recording rules produced no data within 60 s:\n" + (d / "log.txt").read_text()[-2000:])
+        time.sleep(3)  # a few more evaluations, so every recorded series has samples
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def _query(url: str, expr: str) -> list:
+    r = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.ok and body["status"] == "success", f"{expr}: {body.get('error')}"
+    return body["data"]["result"]
+
+
+@pytest.mark.integration
+def test_every_panel_query_returns_data(prometheus):
+    for title, expr in panel_queries():
+        assert _query(prometheus, expr), f"{title}: no data for {expr}"
+
+
+@pytest.mark.integration
+def test_every_alert_expression_evaluates(prometheus):
+    "Each alert runs without error; with its comparisons made `bool`, each returns a sample (its inputs exist)."
+    for r in (r for r in rules() if "alert" in r):
+        firing = _query(prometheus, r["expr"])
+        if r["alert"] == "SpamApiHighErrorRate":  # the exporter fails 2.4 % of requests: under the threshold
+            assert firing == []
+        as_bool = re.sub(r"(>=|<=|==|!=|>|<)\s*(?=[\d(])", r"\1 bool ", r["expr"])
+        assert _query(prometheus, as_bool), f"{r['alert']}: no data for {as_bool}"
+
+
+@pytest.mark.integration
+def test_canary_analysis_queries_pass_on_healthy_series(prometheus):
+    "The AnalysisTemplate's queries, with the canary hash filled in, return one value under the thresholds."
+    results = {name: _query(prometheus, q) for name, q in analysis_queries("abc123")}
+    assert set(results) == {"canary-error-rate", "canary-latency-p95"}
+    err = float(results["canary-error-rate"][0]["value"][1])
+    p95 = float(results["canary-latency-p95"][0]["value"][1])
+    assert 0 < err < 0.05 and 0 < p95 < 0.1
+    # an unknown revision has no data: the analysis treats it as inconclusive, never as a pass
+    assert all(_query(prometheus, q) == [] for _, q in analysis_queries("no-such-hash"))
