@@ -1,4 +1,5 @@
-"""Shared fixtures: the corpus, a local lake with the pipeline run, and a real S3 API server (moto)."""
+"""Shared fixtures: the corpus, a local lake with the pipeline run, a real S3 API server (moto), PostgreSQL
+helpers and an MLflow tracking server on PostgreSQL with artifacts on S3."""
 from __future__ import annotations
 
 import os
@@ -6,8 +7,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import boto3
+import mlflow
+import psycopg2
 import pytest
 import requests
 
@@ -79,3 +84,50 @@ def pipeline_lake(tmp_path_factory, corpus):
     curate(settings)
     features(settings)
     return settings
+
+
+PG = dict(host="127.0.0.1", port=5432, user="postgres")
+
+
+def pg_exec(sql: str, dbname: str = "postgres"):
+    "Run one statement on the local PostgreSQL (trust auth), autocommit; return all rows if any."
+    con = psycopg2.connect(dbname=dbname, **PG)
+    con.autocommit = True
+    try:
+        with con.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall() if cur.description else None
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def mlflow_pg_server(s3_env, tmp_path):
+    """`mlflow server` on its own PostgreSQL database, artifacts proxied to a bucket on the moto S3 server.
+    Yields (url, database URL, artifact root URI)."""
+    db = f"spam_it_{uuid.uuid4().hex[:10]}"
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1").create_bucket(Bucket=bucket)
+    pg_exec(f"CREATE DATABASE {db}")
+    port = free_port()
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_S3_ENDPOINT_URL": s3_env}
+    db_url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+    log = open(tmp_path / "mlflow-server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--backend-store-uri", db_url,
+                             "--artifacts-destination", f"s3://{bucket}/mlflow", "--workers", "1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=90)
+        yield url, db_url, f"s3://{bucket}/mlflow"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        mlflow.set_tracking_uri(None)
+        pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")

@@ -1,0 +1,57 @@
+"""Backup and restore of MLflow on the real PostgreSQL and the S3 test server: train and register, back up,
+drop the database and the artifacts, restore; runs, versions, the champion alias and the model come back."""
+from __future__ import annotations
+
+import boto3
+import mlflow
+import numpy as np
+import pytest
+from conftest import pg_exec
+
+from spam_mlops.backup import BackupError, backup, latest_backup, restore
+from spam_mlops.config import get_settings
+from spam_mlops.lake import Lake
+from spam_mlops.train import RegistryError, load_keras_model, predict_texts, train
+
+pytestmark = pytest.mark.integration
+TEXTS = ["WINNER!! claim your free prize now, call xphone", "ok see you at home later"]
+
+
+def test_backup_drop_restore(pipeline_lake, mlflow_pg_server, s3_env, monkeypatch, tmp_path):
+    url, db_url, artifacts = mlflow_pg_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    s = get_settings(lake=pipeline_lake.lake)
+    report = train(s, {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 1}, sample_n=600, workers=0,
+                   recall_floor=0.0)
+    client = mlflow.MlflowClient(url, url)
+    before = predict_texts(load_keras_model(f"models:/{s.model_name}@champion"), TEXTS)
+    runs_before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(s.experiment).experiment_id])}
+
+    bk = backup(db_url, artifacts, "s3://spam-backups/mlflow", s)
+    assert bk.files > 3 and latest_backup("s3://spam-backups/mlflow", s) == bk.location
+
+    # disaster: the database and every artifact are gone
+    db = db_url.rsplit("/", 1)[1]
+    pg_exec(f"DROP DATABASE {db} WITH (FORCE)")
+    bucket, prefix = artifacts[5:].split("/", 1)
+    s3 = boto3.resource("s3")
+    s3.Bucket(bucket).objects.filter(Prefix=prefix).delete()
+    assert not list(s3.Bucket(bucket).objects.filter(Prefix=prefix))
+    with pytest.raises(RegistryError, match="cannot load"):
+        load_keras_model(f"models:/{s.model_name}@champion")
+
+    restore(bk.location, db_url, artifacts, s)
+    runs_after = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(s.experiment).experiment_id])}
+    assert runs_after == runs_before and report.run_id in runs_after
+    assert client.get_run(report.run_id).data.metrics["test_mcc"] == report.metrics["mcc"]
+    assert client.get_model_version_by_alias(s.model_name, "champion").version == report.version
+    after = predict_texts(load_keras_model(f"models:/{s.model_name}@champion"), TEXTS)
+    np.testing.assert_allclose(after, before, rtol=1e-6)
+
+
+def test_tampered_backup_is_refused(tmp_path, pipeline_lake):
+    lake = Lake.from_settings(get_settings(lake=str(tmp_path)))
+    lake.write_bytes("b/mlflow.dump", b"x")
+    lake.write_json("b/manifest.json", {"files": {"mlflow.dump": {"bytes": 1, "sha256": "f" * 64}}})
+    with pytest.raises(BackupError, match="checksum mismatch"):
+        restore(f"{tmp_path}/b", "postgresql://postgres@127.0.0.1:5432/never_created", f"{tmp_path}/a")
