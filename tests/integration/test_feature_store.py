@@ -111,8 +111,10 @@ def test_sqlite_and_redis_have_separate_registries(pipeline_lake, tmp_path, redi
         apply(sq), apply(rd)
         assert materialize(sq).rows == 5171
         assert materialize(rd).rows == 5171  # not skipped because SQLite's window was done
-        some = list(redis_db.scan_iter(count=1000))[:1]
-        assert some, "nothing written to Redis"
+        assert next(redis_db.scan_iter(count=1000), None) is not None, "nothing written to Redis"
+        closed = f"redis://127.0.0.1:{_free_port()}/0"  # same registry, nothing left to materialize, dead server
+        with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {closed}"):
+            materialize(get_settings(lake=pipeline_lake.lake, feature_repo=repo, online_store="redis", redis_url=closed))
     finally:
         feature_store(sq).teardown(), feature_store(rd).teardown()
         feature_store.cache_clear()
