@@ -201,23 +201,25 @@ def exporter():
             buckets = (1, 2, 4, 8, 16, 32, 64) if "batch" in name else (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
             metrics[name] = Histogram(name, name, labels, buckets=buckets, registry=reg)
         else: metrics[name] = Gauge(name, name, labels, registry=reg)
-    values = {"route": "/api/predict", "label": "spam", "version": "3", "feature": "text_length", "test": "psi"}
+    values = {"route": "/api/predict", "status": "200", "label": "spam", "model_version": "3", "version": "3",
+              "feature": "text_length", "test": "psi"}
 
-    def child(name):
+    def child(name, **override):
+        "The metric with every label of the table set (defaults above, or `override`)."
         m, (_, labels) = metrics[name], metric_table()[name]
-        return m.labels(**{k: values[k] for k in labels}) if labels else m
+        return m.labels(**{k: override.get(k, values[k]) for k in labels}) if labels else m
     stop = threading.Event()
 
     def tick():
         i = 0
         while not stop.is_set():
             i += 1
-            metrics["ray_spam_api_requests_total"].labels(route="/api/predict", status="200").inc(20)
-            metrics["ray_spam_api_requests_total"].labels(route="/api/predict", status="500").inc(i % 2)
+            child("ray_spam_api_requests_total", status="200").inc(20)
+            child("ray_spam_api_requests_total", status="500").inc(i % 2)
             for k in range(20): child("ray_spam_api_request_latency_seconds").observe(0.004 * (1 + k % 7))
             child("ray_spam_api_batch_size").observe(8)
-            metrics["ray_spam_api_predictions_total"].labels(label="spam").inc(3)
-            metrics["ray_spam_api_predictions_total"].labels(label="ham").inc(17)
+            child("ray_spam_api_predictions_total", label="spam").inc(3)
+            child("ray_spam_api_predictions_total", label="ham").inc(17)
             child("ray_spam_api_model_info").set(1)
             child("spam_model_accuracy").set(0.98)
             child("spam_drift_score").set(0.07)
@@ -228,8 +230,10 @@ def exporter():
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()
     yield port
+    alive = thread.is_alive()
     stop.set()
     server.shutdown()
+    assert alive, "the synthetic exporter's thread died (see the thread exception above)"
 
 
 @pytest.fixture(scope="module")
