@@ -1,0 +1,265 @@
+"""Unit tests of spam_mlops.drift on a real lake folder: windows, tests, decision, bad input, feedback accuracy,
+the retraining guard and the RayJob the drift job would create in a cluster (checked offline)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spam_mlops import drift as dr
+from spam_mlops.config import get_settings
+from spam_mlops.curate import clean_text
+from spam_mlops.features import compute_features
+from spam_mlops.lake import Lake
+from spam_mlops.serve import prediction_table
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
+
+
+def _keyword_model(clean):
+    return np.array([0.9 if any(w in s.split() for w in ("win", "won", "free", "claim", "prize", "xphone")) else 0.1 for s in clean])
+
+
+def _frame(df):
+    out = pd.concat([df.reset_index(drop=True), compute_features(df.text).reset_index(drop=True)], axis=1)
+    out["clean_text"] = clean_text(out.text.astype(object)).astype(str)
+    return out
+
+
+@pytest.fixture(scope="module")
+def profile():
+    parts = {"train": _frame(dr.sms_like(2000, 1)), "val": _frame(dr.sms_like(400, 2))}
+    vocab = sorted({t for s in parts["train"].clean_text for t in s.split()})
+    return dr.profile_from_parts(parts, vocab, _keyword_model, model={"name": "demo", "version": "7", "run_id": None})
+
+
+def _rows(texts, start, minutes=60.0, version="7"):
+    p = _keyword_model(clean_text(pd.Series(list(texts), dtype=object)).tolist())
+    ts = [start + timedelta(seconds=minutes * 60 * i / len(p)) for i in range(len(p))]
+    return prediction_table([(t, uuid.uuid4().hex, x, float(q), "spam" if q >= .5 else "ham", version) for t, x, q in zip(ts, texts, p)])
+
+
+@pytest.fixture
+def env(tmp_path):
+    s = get_settings(lake=str(tmp_path / "lake"), mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    return s, Lake.from_settings(s)
+
+
+def _put(lake, df, name, day=NOW):
+    return lake.write_parquet(f"predictions/dt={day:%Y-%m-%d}/{name}.parquet", df)
+
+
+CFG = dr.DriftConfig(window_hours=3, min_messages=200)
+
+
+def test_config_from_env(monkeypatch):
+    monkeypatch.setenv("SPAM_MLOPS_DRIFT_WINDOW_MESSAGES", "750")
+    monkeypatch.setenv("SPAM_MLOPS_DRIFT_RETRAIN", "kubernetes")
+    monkeypatch.setenv("SPAM_MLOPS_PUSHGATEWAY_URL", "http://pushgateway:9091")
+    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TUNE", "yes")
+    c = dr.DriftConfig.from_env(min_messages=50)
+    assert (c.window_messages, c.retrain, c.pushgateway, c.tune, c.min_messages) == (750, "kubernetes", "http://pushgateway:9091", True, 50)
+    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TUNE", "maybe")
+    with pytest.raises(dr.DriftError, match="SPAM_MLOPS_DRIFT_TUNE"): dr.DriftConfig.from_env()
+    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TUNE", "0")
+    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TRAIN_CONFIG", "{not json")
+    with pytest.raises(dr.DriftError, match="TRAIN_CONFIG"): dr.DriftConfig.from_env()
+
+
+def test_window_by_hours_and_by_messages(env):
+    _, lake = env
+    _put(lake, _rows(dr.sms_like(50, 1).text, NOW - timedelta(days=1, hours=5)), "old", NOW - timedelta(days=1))
+    _put(lake, _rows(dr.sms_like(100, 2).text, NOW - timedelta(hours=2)), "a")
+    _put(lake, _rows(dr.sms_like(100, 3).text, NOW - timedelta(minutes=50), minutes=40), "b")
+    w, info = dr.read_predictions(lake, hours=3, now=NOW)
+    assert len(w) == 200 and info["files"] == 2 and w.timestamp.is_monotonic_increasing
+    w, _ = dr.read_predictions(lake, hours=48, now=NOW)
+    assert len(w) == 250
+    w, _ = dr.read_predictions(lake, last_n=120, now=NOW)
+    assert len(w) == 120 and w.timestamp.min() >= NOW - timedelta(hours=2)
+    assert w.timestamp.is_monotonic_increasing and (w.timestamp.max() == pd.Timestamp(NOW - timedelta(minutes=50) + timedelta(minutes=40 * 99 / 100)))
+
+
+def test_quiet_and_drifted_windows(profile):
+    quiet = dr.run_tests(_rows(dr.sms_like(500, 11).text, NOW), profile, CFG)
+    assert not dr.decide(quiet, CFG)["drift_detected"]
+    assert {t["test"] for t in quiet} == {"psi", "ks", "chi2", "oov_rate_delta", "js", "spam_rate_delta"}
+    foreign = dr.run_tests(_rows(dr.foreign_texts(500, 11), NOW), profile, CFG)
+    d = dr.decide(foreign, CFG)
+    assert d["drift_detected"] and d["groups"]["text"] and d["groups"]["feature"] and "text_length" in d["drifted_features"]
+    # prediction drift alone: same texts, but the model now says spam for everything
+    w = _rows(dr.sms_like(500, 12).text, NOW).assign(spam_probability=0.95, prediction="spam")
+    d = dr.decide(dr.run_tests(w, profile, CFG), CFG)
+    assert d["groups"] == {"feature": False, "text": False, "prediction": True}
+    # no logged text (SPAM_MLOPS_LOG_TEXT=false): text tests skipped and said so
+    d = dr.decide(dr.run_tests(w.assign(text=None), profile, CFG), CFG)
+    assert d["skipped_groups"] == ["text"]
+
+
+@pytest.mark.parametrize("case", ["empty_window", "too_few_messages", "corrupt_predictions", "missing_columns"])
+def test_bad_input_reports_status_and_retrains_nothing(env, profile, case):
+    settings, lake = env
+    calls = []
+    if case == "too_few_messages": _put(lake, _rows(dr.sms_like(150, 1).text, NOW - timedelta(hours=1)), "a")
+    if case in ("corrupt_predictions", "missing_columns"):
+        _put(lake, _rows(dr.foreign_texts(400, 1), NOW - timedelta(hours=1)), "a")  # drifted: would retrain if tested
+        if case == "corrupt_predictions": lake.write_bytes(f"predictions/dt={NOW:%Y-%m-%d}/b.parquet", b"PAR1 truncated")
+        else: _put(lake, pd.DataFrame({"timestamp": [NOW], "text": ["x"]}), "b")
+    with pytest.raises(dr.DriftInputError) as e:
+        dr.drift(settings, CFG, NOW, profile=profile, run_local=lambda s, c: calls.append(1), mlflow_log=False)
+    status = "corrupt_predictions" if case == "missing_columns" else case
+    assert e.value.status == status and "report:" in str(e.value)
+    rep = lake.read_json(dr.LATEST)
+    assert rep["status"] == status and rep["message"] and "tests" not in rep and "retraining" not in rep and not calls
+    assert Path(rep["paths"]["html"]).read_text().count(status) >= 1
+    if status == "corrupt_predictions": assert rep["window"]["corrupt"][0]["file"].endswith("b.parquet")
+
+
+def test_missing_baseline_when_no_model_is_registered(env):
+    settings, lake = env
+    _put(lake, _rows(dr.sms_like(300, 1).text, NOW - timedelta(hours=1)), "a")
+    with pytest.raises(dr.DriftInputError, match="missing_baseline: no registered model"):
+        dr.drift(settings, CFG, NOW, mlflow_log=False)
+    assert lake.read_json(dr.LATEST)["status"] == "missing_baseline"
+
+
+def test_drift_triggers_exactly_one_retraining(env, profile):
+    settings, lake = env
+    calls, cfg = [], CFG.with_(window_hours=12)
+    trainer = lambda s, c: calls.append(c) or {"run_id": "r", "version": "8", "gate": "promoted"}
+    _put(lake, _rows(dr.foreign_texts(400, 2), NOW - timedelta(hours=1)), "a")
+    first = dr.drift(settings, cfg, NOW, profile=profile, run_local=trainer, mlflow_log=False)
+    assert first.report["retraining"]["action"] == "finished" and first.report["retraining"]["version"] == "8"
+    second = dr.drift(settings, cfg, NOW + timedelta(hours=1), profile=profile, run_local=trainer, mlflow_log=False)
+    assert second.report["decision"]["drift_detected"] and "cool-down" in second.report["retraining"]["reason"]
+    assert len(calls) == 1 and "DRIFT" in str(second)
+    state = lake.read_json(dr.STATE)
+    assert state["last_report"] == first.report["id"] and state["running"] is False and not lake.exists(dr.LOCK)
+    failing = dr.drift(settings, cfg.with_(cooldown_hours=0.5), NOW + timedelta(hours=2), profile=profile,
+                       run_local=lambda s, c: calls.append(1) or {"run_id": "r", "version": "9", "gate": "rejected"}, mlflow_log=False)
+    assert failing.report["retraining"]["gate"] == "rejected" and len(calls) == 2
+    with pytest.raises(dr.DriftError, match="retraining failed: RuntimeError: boom"):
+        dr.drift(settings, cfg.with_(cooldown_hours=0), NOW + timedelta(hours=3), profile=profile,
+                 run_local=lambda s, c: (_ for _ in ()).throw(RuntimeError("boom")), mlflow_log=False)
+    assert lake.read_json(dr.LATEST)["status"] == "retrain_failed" and not lake.exists(dr.LOCK)
+
+
+def test_lock_is_exclusive_under_concurrency(env):
+    _, lake = env
+    results = []
+    barrier = threading.Barrier(8)
+
+    def take(i):
+        barrier.wait()
+        results.append(dr.acquire_lock(lake, f"p{i}", NOW, 6)[0])
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_feedback_accuracy(env):
+    _, lake = env
+    logged = _rows(dr.sms_like(60, 4).text, NOW - timedelta(hours=2)).drop_duplicates("message_id").reset_index(drop=True)
+    _put(lake, logged, "a")
+    truth = logged.prediction.tolist()
+    wrong = ["ham" if p == "spam" else "spam" for p in truth]
+    dr.write_feedback(lake, logged.message_id[:30], truth[:30], NOW - timedelta(hours=1))
+    lake.write_parquet("feedback/manual.parquet", pd.DataFrame({"message_id": logged.message_id[30:40], "label": wrong[30:40]}))
+    lake.write_bytes("feedback/broken.csv", b"id;lab\n1;2\n")
+    lake.write_bytes("feedback/extra.csv", b"message_id,label\nabc,maybe\nzzz,spam\n")
+    cfg = dr.DriftConfig(min_feedback=20)
+    acc = dr.feedback_accuracy(lake, cfg, NOW)
+    assert acc["status"] == "ok" and acc["labelled"] == 40 and acc["accuracy"] == pytest.approx(30 / 40)
+    assert acc["invalid_rows"] == 1 and acc["bad_files"][0]["file"] == "feedback/broken.csv"
+    assert dr.feedback_accuracy(lake, cfg.with_(min_feedback=41), NOW)["status"] == "too_few_labels"
+    assert dr.feedback_accuracy(lake, cfg.with_(feedback_hours=1), NOW)["labelled"] == 0  # predictions older than the window
+    with pytest.raises(dr.DriftError, match="ham or spam"): dr.write_feedback(lake, ["x"], ["SPAM!"])
+
+
+def _validator():
+    spec = importlib.util.spec_from_file_location("validate_manifests", ROOT / "scripts" / "validate_manifests.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_training_job_from_repo_manifest(tune):
+    from kubernetes.client import ApiClient
+    cfg = dr.DriftConfig(training_manifest=str(ROOT / "k8s" / "base" / "training-job.yaml"), tune=tune)
+    name = "spam-tune" if tune else "spam-train"
+    job = dr.training_job(dr.load_template(cfg, name), "r1", NOW)
+    assert job["metadata"]["name"] == f"{name}-drift-20260304120000" and len(job["metadata"]["name"]) <= 47
+    assert job["spec"]["suspend"] is False and job["spec"]["entrypoint"] == f"spam-mlops run {'05_tune' if tune else '04_train'}"
+    assert job["metadata"]["labels"]["spam-mlops/trigger"] == "drift" and job["metadata"]["annotations"] == {"spam-mlops/drift-report": "r1"}
+    v = _validator()
+    assert v.check_rayjob(job) == [] and v.check_hardening(job) == []
+    assert ApiClient().sanitize_for_serialization(job) == json.loads(json.dumps(job))
+    with pytest.raises(dr.DriftError, match="no RayJob named nope"): dr.load_template(cfg, "nope")
+
+
+class RecordingApi:
+    "Stands in for the Kubernetes API server (no cluster here): serves a template and a job list, records creations."
+
+    def __init__(self, template, running=()):
+        self.template, self.running, self.created = template, list(running), []
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        assert (group, version, plural, name) == ("ray.io", "v1", "rayjobs", "spam-train")
+        return self.template
+
+    def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector=None):
+        assert label_selector == "spam-mlops/trigger"
+        return {"items": self.running}
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append((namespace, body))
+        return body
+
+
+def test_kubernetes_retraining_creates_one_clean_rayjob(env, profile):
+    import yaml
+    settings, lake = env
+    docs = yaml.safe_load_all((ROOT / "k8s" / "base" / "training-job.yaml").read_text())
+    template = next(d for d in docs if d and d["metadata"]["name"] == "spam-train")
+    # as the API returns it: server fields, Argo CD's tracking label and kubectl's annotation, a status
+    template["metadata"] |= {"namespace": "spam-mlops", "uid": "u-1", "resourceVersion": "42", "managedFields": [{}],
+                             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}}
+    template["metadata"]["labels"]["app.kubernetes.io/instance"] = "spam-detection"
+    template["status"] = {"jobDeploymentStatus": "Suspended"}
+    api = RecordingApi(template)
+    cfg = CFG.with_(retrain="kubernetes", k8s_namespace="spam-mlops")
+    _put(lake, _rows(dr.foreign_texts(400, 3), NOW - timedelta(hours=1)), "a")
+    rep = dr.drift(settings, cfg, NOW, profile=profile, mlflow_log=False, k8s_api=api)
+    assert rep.report["retraining"]["action"] == "started" and len(api.created) == 1
+    ns, body = api.created[0]
+    assert ns == "spam-mlops" and body["metadata"]["name"] == rep.report["retraining"]["rayjob"]
+    assert set(body) == {"apiVersion", "kind", "metadata", "spec"} and set(body["metadata"]) == {"name", "labels", "annotations"}
+    assert "app.kubernetes.io/instance" not in body["metadata"]["labels"] and body["spec"]["suspend"] is False
+    # a started job still running blocks the next one even after the cool-down
+    api.running = [{"metadata": {"name": body["metadata"]["name"]}, "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}}]
+    rep = dr.drift(settings, cfg.with_(cooldown_hours=0), NOW + timedelta(hours=1), profile=profile, mlflow_log=False, k8s_api=api)
+    assert rep.report["retraining"]["action"] == "skipped" and "still running" in rep.report["retraining"]["reason"] and len(api.created) == 1
+    api.running[0]["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    rep = dr.drift(settings, cfg.with_(cooldown_hours=0), NOW + timedelta(hours=2), profile=profile, mlflow_log=False, k8s_api=api)
+    assert rep.report["retraining"]["action"] == "started" and len(api.created) == 2
+
+
+def test_metrics_registry_names(profile):
+    from prometheus_client import generate_latest
+    tests = dr.run_tests(_rows(dr.foreign_texts(300, 4), NOW), profile, CFG)
+    rep = {"tests": tests, "decision": dr.decide(tests, CFG), "finished_at_unix": 1.7e9, "accuracy": {"accuracy": 0.9}}
+    text = generate_latest(dr.metrics_registry(rep)).decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert names == {"spam_drift_score", "spam_drift_detected", "spam_drift_last_run_timestamp_seconds", "spam_model_accuracy"}
+    assert text.count("spam_drift_score{") == len(tests) and "spam_drift_detected 1.0" in text
+    assert "spam_drift_last_run_timestamp_seconds 1.7e+09" in text
