@@ -161,8 +161,8 @@ def test_train_logs_a_complete_run_and_gates(pipeline_lake, tracking):
     worse = train(s, TINY | {"epochs": 1, "lstm_units": 1, "embedding_dim": 1, "learning_rate": 1e-6},
                   sample_n=1200, workers=0, recall_floor=0.0)
     assert worse.gate["decision"].startswith("rejected")
-    assert client.get_model_version_by_alias(s.model_name, "champion").version == int(first.version)
-    assert client.get_model_version_by_alias(s.model_name, "challenger").version == int(worse.version)
+    assert str(client.get_model_version_by_alias(s.model_name, "champion").version) == first.version
+    assert str(client.get_model_version_by_alias(s.model_name, "challenger").version) == worse.version
     wm = mlflow.get_run(worse.run_id).data.metrics
     assert wm["gate_champion_mcc"] == pytest.approx(first.metrics["mcc"], abs=1e-6)
     assert wm["gate_challenger_mcc"] < wm["gate_champion_mcc"]

@@ -70,7 +70,7 @@ def test_train_register_and_load_through_server(pipeline_lake, mlflow_server, s3
     client = mlflow.MlflowClient(url, url)
     run = client.get_run(report.run_id)
     assert run.info.status == "FINISHED" and "test_mcc" in run.data.metrics
-    assert client.get_model_version_by_alias(s.model_name, "champion").version == int(report.version)
+    assert str(client.get_model_version_by_alias(s.model_name, "champion").version) == report.version
 
     # the artifacts really are in the bucket, not on the local disk
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
