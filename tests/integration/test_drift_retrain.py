@@ -1,0 +1,109 @@
+"""The drift stage end to end on a real lake, a real MLflow registry (SQLite in tmp) and real training: the baseline is
+computed on demand and stored with the model, a quiet window triggers nothing, a drifted window triggers exactly one
+retraining whose run and version are in MLflow (through the promotion gate), and the lock works on an S3 API too."""
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY = {"epochs": 1}  # a tiny LSTM: the point is the mechanism, not the model
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, corpus):
+    "A lake with the pipeline run and a first champion trained in-process, MLflow on SQLite in tmp."
+    from spam_mlops.config import get_settings
+    from spam_mlops.curate import curate
+    from spam_mlops.features import features
+    from spam_mlops.ingest import ingest
+    from spam_mlops.train import train
+    tmp = tmp_path_factory.mktemp("drift-retrain")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    ingest(settings); curate(settings); features(settings)
+    first = train(settings, config=TINY, sample_n=1500, workers=0, recall_floor=0.0)
+    assert first.gate["decision"] == "promoted"
+    return settings, first
+
+
+def _client(settings):
+    import mlflow
+    return mlflow.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+
+
+def _training_runs(settings):
+    c = _client(settings)
+    exp = c.get_experiment_by_name(settings.experiment)
+    return c.search_runs([exp.experiment_id])
+
+
+def test_quiet_window_no_retraining_and_baseline_stored_with_model(registry):
+    from spam_mlops import drift as dr
+    from spam_mlops.lake import Lake
+    settings, first = registry
+    dr.simulate_traffic(settings, n=500, seed=1)
+    cfg = dr.DriftConfig(window_messages=500, train_config=TINY, train_sample_n=1500, train_workers=0)
+    out = dr.drift(settings, cfg)
+    r = out.report
+    assert r["status"] == "ok" and not r["decision"]["drift_detected"], [t for t in r["tests"] if t["drifted"]]
+    assert r["retraining"]["action"] == "none" and r["baseline"]["model"]["version"] == first.version
+    assert r["baseline"]["computed_on_demand"] is True
+    # the profile now lives in the model's run: the next run fetches it instead of recomputing
+    stored = dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)
+    assert stored["model"]["run_id"] == first.run_id and stored["rows"]["train"] > 1000 and len(stored["text"]["vocabulary"]) > 1000
+    assert 0 < stored["text"]["oov_rate"] < 0.2 and set(stored["text_length_quantiles"]) == {"p01", "p05", "p25", "p50", "p75", "p95", "p99"}
+    again = dr.drift(settings, cfg)
+    assert again.report["baseline"]["computed_on_demand"] is False
+    # the report: lake (JSON + HTML) and an MLflow run of the drift experiment
+    lake = Lake.from_settings(settings)
+    assert lake.read_json(dr.LATEST)["id"] == again.report["id"] and lake.exists(f"{dr.REPORTS}/{again.report['id']}.html")
+    c = _client(settings)
+    run = c.get_run(again.report["mlflow_run_id"])
+    assert run.data.tags["status"] == "ok" and "text_length.psi" in run.data.metrics
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"drift_report.json", "drift_report.html"}
+    assert len(_training_runs(settings)) == 1
+
+
+def test_drifted_window_triggers_exactly_one_retraining(registry):
+    from spam_mlops import drift as dr
+    settings, first = registry
+    dr.simulate_traffic(settings, n=600, foreign=True, seed=2)
+    cfg = dr.DriftConfig(window_messages=500, train_config=TINY, train_sample_n=1500, train_workers=0)
+    out = dr.drift(settings, cfg)
+    r = out.report
+    assert r["decision"]["drift_detected"] and r["decision"]["groups"]["text"], r["decision"]
+    rt = r["retraining"]
+    assert rt["action"] == "finished" and rt["version"] == str(int(first.version) + 1), rt
+    # visible in MLflow: a second training run, a new registered version that went through the gate
+    runs = _training_runs(settings)
+    assert len(runs) == 2
+    new = next(x for x in runs if x.info.run_id == rt["run_id"])
+    assert new.info.status == "FINISHED" and new.data.tags["registered_version"] == rt["version"]
+    assert new.data.tags["gate.decision"] == rt["gate"] and rt["gate"] in ("promoted", "rejected: spam recall below floor",
+                                                                         "rejected: champion MCC not beaten")
+    versions = _client(settings).search_model_versions(f"name='{settings.model_name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    # drift persists: the next runs report it but start nothing (cool-down), even a minute later
+    later = dr.drift(settings, cfg, now=datetime.now(UTC) + timedelta(minutes=1))
+    assert later.report["decision"]["drift_detected"] and later.report["retraining"]["action"] == "skipped"
+    assert "cool-down" in later.report["retraining"]["reason"]
+    assert len(_training_runs(settings)) == 2 and len(_client(settings).search_model_versions(f"name='{settings.model_name}'")) == 2
+
+
+def test_lock_on_s3_lake(s3_env):
+    from spam_mlops import drift as dr
+    from spam_mlops.config import get_settings
+    from spam_mlops.lake import Lake
+    lake = Lake.from_settings(get_settings(lake="s3://drift-lock-test/lake"))
+    now = datetime.now(UTC)
+    assert dr.acquire_lock(lake, "a", now, 6) == (True, "")
+    ok, why = dr.acquire_lock(lake, "b", now, 6)
+    assert not ok and "lock by a" in why
+    ok, note = dr.acquire_lock(lake, "c", now + timedelta(hours=7), 6)
+    assert ok and "stale" in note
+    dr.release_lock(lake)
+    assert not lake.exists(dr.LOCK)
