@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -405,3 +407,76 @@ def test_deploy_dry_run_renders_and_validates_without_a_cluster():
     assert "OK: every overlay renders and validates" in out.stdout and "dry run OK" in out.stdout
     bad = subprocess.run(["bash", "scripts/deploy.sh", "--dry-run", "staging"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "no overlay 'staging'" in bad.stderr
+
+
+# ---- the MLflow server exactly as the manifest starts it -----------------------------------------------------------------
+def _expand(arg: str, env: dict[str, str]) -> str:
+    "Kubernetes' $(VAR) expansion of container args (unknown references stay as written, as the kubelet does)."
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
+
+
+@pytest.mark.integration
+def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path):
+    """The rendered MLflow container's args and env, expanded as the kubelet would, start a real `mlflow server`
+    on the PostgreSQL here with artifacts on the S3 test server: it answers /health, serves /metrics
+    (--expose-prometheus), accepts the in-cluster Host headers it lists (with and without port) and refuses others."""
+    import uuid
+
+    import boto3
+    from conftest import free_port, pg_exec
+
+    dep = objects(rendered["local"], "Deployment")["mlflow"]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["mlflow", "server"]
+    db, port = f"spam_manifest_{uuid.uuid4().hex[:8]}", free_port()
+    secrets = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-with-trust-auth",
+               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    env = {e["name"]: e.get("value", secrets.get(e["name"])) for e in c["env"]}
+    assert None not in env.values(), env
+    env |= {"MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    args = [_expand(a, env) for a in c["args"][2:]]
+    assert not any("$(" in a for a in args), args
+    # the cluster's addresses become this machine's: the Service names, the pod's listen address and port
+    args = [a.replace("@postgres:5432/mlflow", f"@127.0.0.1:5432/{db}").replace("--host=0.0.0.0", "--host=127.0.0.1")
+             .replace("--port=5000", f"--port={port}").replace("/tmp/prometheus-multiproc", str(tmp_path / "prom"))
+            for a in args]
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="spam-mlops-lake")
+    pg_exec(f"CREATE DATABASE {db}")
+    mlflow = Path(sys.executable).parent / "mlflow"
+    log = open(tmp_path / "mlflow.log", "wb")
+    proc = subprocess.Popen([str(mlflow), "server", *args], env={**os.environ, **env}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok: break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server not healthy in 120 s:\n" + (tmp_path / "mlflow.log").read_text()[-3000:])
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        for host in ("mlflow", "mlflow:5000", "mlflow.spam-mlops.svc.cluster.local:5000", "mlflow.spam-mlops:5000"):
+            assert requests.get(url + search, headers={"Host": host}, timeout=10).status_code == 200, host
+        assert requests.get(url + search, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
+        svc = {"Host": "mlflow:5000"}  # what in-cluster clients send (MLFLOW_TRACKING_URI=http://mlflow:5000)
+        r = requests.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "manifest-check"}, headers=svc, timeout=10)
+        assert r.ok, r.text
+        exp = requests.get(f"{url}/api/2.0/mlflow/experiments/get", params={"experiment_id": r.json()["experiment_id"]},
+                           headers=svc, timeout=10).json()["experiment"]
+        assert exp["artifact_location"].startswith("mlflow-artifacts:")  # proxied: clients need no S3 credentials
+        # Prometheus scrapes the pod by its IP (kubernetes_sd): the Host header is the pod's address
+        metrics = requests.get(f"{url}/metrics", headers={"Host": "10.42.0.17:5000"}, timeout=10)
+        assert metrics.status_code == 200, metrics.text[:200]
+        assert re.search(r"^mlflow_\w+", metrics.text, re.M), metrics.text[:500]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
