@@ -1,0 +1,270 @@
+"""The monitoring stack against the real system: a real Prometheus (Debian's `prometheus`) loads monitoring/alert-rules.yaml
+and scrapes the running Ray Serve API's metrics endpoint and a real Pushgateway (Debian's `prometheus-pushgateway`);
+traffic goes through the API (whose prediction log lands in the lake), the drift stage runs on that log and pushes its
+scores, decision and feedback accuracy; then every Grafana panel query, every alert expression and every Argo Rollouts
+analysis query runs against Prometheus's HTTP API.
+
+Expectations, stated per query: every query must succeed. Panels and analysis queries must return data. Alert
+expressions return data only when their condition holds; here the window is foreign text (drift detected) and the
+feedback says the model is wrong 1 time in 5 after a first push at 100 %, so SpamDriftDetected, SpamModelAccuracyLow and
+SpamModelAccuracyDropping return data, while SpamApiHighErrorRate (no 5xx was caused), SpamApiNoPredictions (traffic
+flows) and SpamDriftJobStale (the drift job just ran) return nothing — for those the series they compare is checked to
+have data instead. SpamApiHighLatencyP95 depends on this machine's load and may go either way."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "monitoring" / "alert-rules.yaml"
+DASHBOARDS = sorted((ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"))
+ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
+CANARY_HASH = "6d5f8c7b9"
+ALERT_EXPECT = {"SpamApiHighErrorRate": "empty", "SpamApiHighLatencyP95": "any", "SpamApiNoPredictions": "empty",
+                "SpamDriftDetected": "data", "SpamDriftJobStale": "empty", "SpamModelAccuracyLow": "data",
+                "SpamModelAccuracyDropping": "data"}
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if not path: pytest.fail(f"{name} not found: apt-get install prometheus prometheus-pushgateway")
+    return path
+
+
+def _wait(url: str, timeout: float = 60):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if requests.get(url, timeout=2).ok: return
+        except requests.RequestException: pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not ready in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, corpus):
+    "The Ray Serve API (HAProxy ingress) over a small demo model, logging predictions to a lake with the pipeline run."
+    from spam_mlops import serve as sv
+    from spam_mlops.config import get_settings
+    from spam_mlops.curate import curate, read_curated
+    from spam_mlops.features import features
+    from spam_mlops.ingest import ingest
+    from spam_mlops.lake import Lake
+    tmp = tmp_path_factory.mktemp("prom")
+    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    ingest(settings); curate(settings); features(settings)
+    df = read_curated(Lake.from_settings(settings)).sample(1000, random_state=0)
+    model = sv.build_demo_model(df.text, (df.label == "spam").astype(int), epochs=1)
+    model.save(tmp / "demo.keras")
+    port, metrics_port = sv.free_port(), sv.free_port()
+    cfg = sv.ServeConfig.from_env(settings, model_uri=str(tmp / "demo.keras"), poll_s=0, log_flush_s=1.0, api_keys=())
+    sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=metrics_port, num_cpus=2)
+    try:
+        _wait(f"http://127.0.0.1:{port}/readyz", 180)
+        yield {"url": f"http://127.0.0.1:{port}", "metrics_port": metrics_port, "settings": settings, "model": model, "tmp": tmp}
+    finally: sv.stop_server()
+
+
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory):
+    from spam_mlops.serve import free_port
+    port = free_port()
+    proc = subprocess.Popen([_binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(f"http://127.0.0.1:{port}/-/ready", 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate(); proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def prometheus(api, pushgateway, tmp_path_factory):
+    "A real Prometheus with the repository's rules, scraping the API (as the canary revision) and the Pushgateway."
+    from spam_mlops.serve import free_port
+    tmp = tmp_path_factory.mktemp("prometheus")
+    rules = tmp / "alert-rules.yaml"
+    shutil.copy(RULES, rules)
+    port = free_port()
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
+              "scrape_configs": [
+                  {"job_name": "spam-api", "static_configs": [{"targets": [f"127.0.0.1:{api['metrics_port']}"],
+                                                              "labels": {"pod": "spam-api-test-0", "rollouts_pod_template_hash": CANARY_HASH}}]},
+                  {"job_name": "pushgateway", "honor_labels": True,
+                   "static_configs": [{"targets": [pushgateway.removeprefix("http://")]}]}]}
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    check = subprocess.run([_binary("promtool"), "check", "config", str(tmp / "prometheus.yml")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log = open(tmp / "prometheus.log", "w")
+    proc = subprocess.Popen([_binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(f"http://127.0.0.1:{port}/-/ready", 60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate(); proc.wait(10); log.close()
+
+
+def query(prom: str, expr: str) -> list:
+    "Result of an instant query; fails on any error (HTTP, PromQL, warnings)."
+    r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.ok and body["status"] == "success", f"{expr}: {body}"
+    assert not body.get("warnings"), f"{expr}: {body['warnings']}"
+    return body["data"]["result"]
+
+
+def wait_data(prom: str, expr: str, timeout: float = 90) -> list:
+    end = time.time() + timeout
+    while time.time() < end:
+        res = query(prom, expr)
+        if res: return res
+        time.sleep(1)
+    raise AssertionError(f"{expr}: no data after {timeout} s")
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    out = []
+
+    def walk(panels, where):
+        for p in panels:
+            out.extend((f"{where}/{p.get('title')}", t["expr"]) for t in p.get("targets", []) if t.get("expr"))
+            walk(p.get("panels", []), where)
+    for f in DASHBOARDS: walk(json.loads(f.read_text())["panels"], f.name)
+    return out
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
+
+
+def analysis_queries() -> list[tuple[str, str]]:
+    out = []
+    for d in yaml.safe_load_all(ROLLOUT.read_text()):
+        if d and d.get("kind") == "AnalysisTemplate":
+            for m in d["spec"]["metrics"]:
+                q = m["provider"]["prometheus"]["query"]
+                out.append((m["name"], re.sub(r"\{\{\s*args\.canary-hash\s*\}\}", CANARY_HASH, q)))
+    return out
+
+
+def recorded_series(expr: str) -> set[str]:
+    "The recorded series (level:metric:operations names) an expression reads."
+    return set(re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", expr))
+
+
+@pytest.fixture(scope="module")
+def traffic(api, prometheus, pushgateway):
+    "Requests through the API (a background client keeps them flowing), then the drift stage on the logged window."
+    from spam_mlops import drift as dr
+    from spam_mlops.config import get_settings  # noqa: F401
+    from spam_mlops.lake import Lake
+    from spam_mlops.train import predict_texts, split_frame, training_frame
+    url, stop = api["url"], threading.Event()
+    foreign = dr.foreign_texts(400, seed=5)
+
+    def client():
+        i = 0
+        with requests.Session() as s:
+            while not stop.is_set():
+                s.post(f"{url}/api/predict", json={"text": foreign[i % len(foreign)]}, timeout=10)
+                if i % 10 == 0: s.post(f"{url}/api/predict", json={"text": "   "}, timeout=10)  # a 422
+                i += 1
+                time.sleep(0.02)
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    for i in range(0, 400, 100):
+        r = requests.post(f"{url}/api/predict/batch", json={"texts": foreign[i:i + 100]}, timeout=30)
+        assert r.ok, r.text
+    # the baseline: the same profile the drift stage stores with a model, here for the served demo model
+    settings = api["settings"]
+    lake = Lake.from_settings(settings)
+    m = api["model"]
+    profile = dr.profile_from_parts(split_frame(training_frame(lake=lake)), dr.model_vocabulary(m), lambda x: predict_texts(m, x),
+                                    model={"name": "demo", "version": "demo.keras", "run_id": None})
+    end = time.time() + 60
+    while time.time() < end and len(dr.read_predictions(lake, hours=1)[0]) < 400: time.sleep(1)
+    logged, _ = dr.read_predictions(lake, hours=1)
+    assert len(logged) >= 400
+    cfg = dr.DriftConfig(window_hours=1, min_messages=100, retrain="off", pushgateway=pushgateway, min_feedback=20)
+    # feedback, first all correct (accuracy 1.0), pushed; then 1 in 5 wrong (0.8), pushed again
+    once = logged.drop_duplicates("message_id").head(100)
+    ids, preds = once.message_id.tolist(), once.prediction.tolist()
+    dr.write_feedback(lake, ids, preds)
+    first = dr.drift(settings, cfg, profile=profile, mlflow_log=False)
+    assert first.report["accuracy"]["accuracy"] == 1.0 and first.report.get("pushed") == pushgateway
+    wait_data(prometheus, "spam_model:accuracy == 1")
+    flipped = [("ham" if p == "spam" else "spam") if i % 5 == 0 else p for i, p in enumerate(preds)]
+    dr.write_feedback(lake, ids, flipped)
+    second = dr.drift(settings, cfg, profile=profile, mlflow_log=False)
+    assert second.report["accuracy"]["accuracy"] == pytest.approx(0.8) and second.report["decision"]["drift_detected"]
+    assert second.report["retraining"] == {"action": "disabled"}
+    wait_data(prometheus, "spam_model:accuracy < 0.9")
+    wait_data(prometheus, "spam_api:requests:rate5m")
+    wait_data(prometheus, "spam_api:model_version:replicas")
+    wait_data(prometheus, "spam_api:latency_seconds_by_revision:p95_2m")
+    yield {"report": second.report}
+    stop.set(); t.join(15)
+
+
+def test_targets_up_and_rules_healthy(prometheus, traffic):
+    targets = requests.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    assert {t["labels"]["job"]: t["health"] for t in targets} == {"spam-api": "up", "pushgateway": "up"}, targets
+    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+
+
+def test_drift_metrics_pushed(prometheus, traffic):
+    tests = traffic["report"]["tests"]
+    got = {(x["metric"]["feature"], x["metric"]["test"]) for x in wait_data(prometheus, "spam_drift:score")}
+    assert got == {(t["feature"], t["test"]) for t in tests}
+    assert float(query(prometheus, "spam_drift:detected")[0]["value"][1]) == 1.0
+    assert float(query(prometheus, "spam_drift:seconds_since_last_run")[0]["value"][1]) < 600
+
+
+@pytest.mark.parametrize("where,expr", panel_queries())
+def test_every_dashboard_panel_returns_data(prometheus, traffic, where, expr):
+    assert wait_data(prometheus, expr, timeout=30), where
+
+
+@pytest.mark.parametrize("name,expr", analysis_queries())
+def test_every_canary_analysis_query_returns_data(prometheus, traffic, name, expr):
+    res = wait_data(prometheus, expr, timeout=30)
+    assert len(res) == 1 and float(res[0]["value"][1]) >= 0, (name, res)
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_every_alert_expression(prometheus, traffic, rule):
+    expect = ALERT_EXPECT.get(rule["alert"], "any")
+    if expect == "data":
+        wait_data(prometheus, rule["expr"], timeout=30)
+        return
+    res = query(prometheus, rule["expr"])
+    if expect == "empty":
+        assert res == [], f"{rule['alert']} holds unexpectedly: {res}"
+    series = recorded_series(rule["expr"])
+    assert series, rule["expr"]
+    for name in series: assert query(prometheus, name), f"{rule['alert']}: {name} has no data, so the alert could never fire"
+
+
+def test_drift_alert_fires(prometheus, traffic):
+    "SpamDriftDetected has no `for`: it is firing as soon as the rule is evaluated on the pushed decision."
+    end = time.time() + 30
+    while time.time() < end:
+        alerts = requests.get(f"{prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+        if any(a["labels"]["alertname"] == "SpamDriftDetected" and a["state"] == "firing" for a in alerts): return
+        time.sleep(1)
+    raise AssertionError(f"SpamDriftDetected not firing: {alerts}")
