@@ -407,6 +407,9 @@ def test_deploy_dry_run_renders_and_validates_without_a_cluster():
     assert "OK: every overlay renders and validates" in out.stdout and "dry run OK" in out.stdout
     bad = subprocess.run(["bash", "scripts/deploy.sh", "--dry-run", "staging"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "no overlay 'staging'" in bad.stderr
+    # without --dry-run it needs a cluster, and says so before touching anything
+    real = subprocess.run(["bash", "scripts/deploy.sh", "local"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert real.returncode == 1 and "no cluster reachable" in real.stderr
 
 
 # ---- the MLflow server exactly as the manifest starts it -----------------------------------------------------------------
