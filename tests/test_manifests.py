@@ -483,3 +483,77 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+# ---- NetworkPolicies, evaluated: the flows the system needs pass, others do not ----------------------------------------
+def _matches(selector: dict, labels: dict) -> bool:
+    "A label selector (matchLabels, matchExpressions with In/NotIn/Exists/DoesNotExist) against labels."
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()): return False
+    for e in selector.get("matchExpressions") or []:
+        has, val = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": has and val in e.get("values", []), "NotIn": not has or val not in e.get("values", []),
+              "Exists": has, "DoesNotExist": not has}[e["operator"]]
+        if not ok: return False
+    return True
+
+
+def _peer_ok(peer: dict, other: dict, own_ns: str) -> bool:
+    "Whether one from/to peer admits `other` = {'ns': name, 'labels': {...}} (or {'ip': True} outside the cluster)."
+    if "ipBlock" in peer: return other.get("ip", False)
+    if other.get("ip"): return False
+    ns_ok = (_matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": other["ns"]})
+             if "namespaceSelector" in peer else other["ns"] == own_ns)
+    return ns_ok and _matches(peer.get("podSelector", {}), other["labels"])
+
+
+def _allowed(policies: list[dict], pod: dict, direction: str, other: dict, port: int, ns: str) -> bool:
+    "Kubernetes semantics: isolated in a direction iff some policy selecting the pod has that type; then any rule may allow."
+    selecting = [p for p in policies if _matches(p["spec"]["podSelector"], pod) and direction in p["spec"]["policyTypes"]]
+    if not selecting: return True
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for p in selecting:
+        for rule in p["spec"].get(key) or []:
+            peers, ports = rule.get(peers_key), rule.get("ports")
+            if peers is not None and not any(_peer_ok(x, other, ns) for x in peers): continue
+            if ports is not None and not any(pt.get("port") in (port, None) for pt in ports): continue
+            return True
+    return False
+
+
+def test_network_policies_allow_exactly_the_needed_flows(rendered):
+    docs, ns = rendered["prod"], "spam-mlops"
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = {}
+    for d in docs:
+        for where, _spec in vm.pod_specs(d):
+            tpl = {"Deployment": "template", "StatefulSet": "template", "Job": "template"}.get(d["kind"])
+            labels = (d["spec"]["template"]["metadata"]["labels"] if tpl else
+                      d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"] if d["kind"] == "CronJob" else
+                      (d["spec"]["rayClusterSpec"]["headGroupSpec"] if where == "head" else
+                       d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0])["template"]["metadata"]["labels"])
+            pods[labels["app.kubernetes.io/name"] + ("-head" if where == "head" else "")] = labels
+    pods["dns"] = {"k8s-app": "kube-dns"}
+
+    def flow(src: str, dst: str, port: int) -> bool:
+        s = {"ns": "ingress-nginx", "labels": {}} if src == "ingress" else {"ns": ns, "labels": pods[src]}
+        if dst == "internet":
+            return _allowed(policies, pods[src], "Egress", {"ip": True}, port, ns)
+        d_ns = "kube-system" if dst == "dns" else ns
+        out = src == "ingress" or _allowed(policies, pods[src], "Egress", {"ns": d_ns, "labels": pods[dst]}, port, ns)
+        inn = dst == "dns" or _allowed(policies, pods[dst], "Ingress", s, port, ns)
+        return out and inn
+    needed = [("ingress", "spam-api", 8000), ("spam-api", "mlflow", 5000), ("spam-api", "minio", 9000),
+              ("spam-train-head", "mlflow", 5000), ("spam-train-head", "minio", 9000), ("spam-train", "spam-train-head", 6379),
+              ("spam-tune-head", "spam-tune", 10002), ("spam-pipeline", "minio", 9000), ("spam-pipeline", "redis", 6379),
+              ("spam-pipeline", "internet", 443), ("mlflow", "postgres", 5432), ("mlflow", "minio", 9000),
+              ("spam-drift", "minio", 9000), ("spam-drift", "mlflow", 5000), ("spam-drift", "pushgateway", 9091),
+              ("spam-drift", "internet", 443), ("prometheus", "spam-api", 8080), ("prometheus", "mlflow", 5000),
+              ("prometheus", "pushgateway", 9091), ("prometheus", "spam-train-head", 8080), ("prometheus", "minio", 9000),
+              ("grafana", "prometheus", 9090), ("minio-bucket-init", "minio", 9000), ("spam-api", "dns", 53)]
+    refused = [("spam-api", "postgres", 5432), ("spam-api", "redis", 6379), ("spam-api", "internet", 443),
+               ("grafana", "mlflow", 5000), ("grafana", "minio", 9000), ("spam-pipeline", "postgres", 5432),
+               ("spam-drift", "redis", 6379), ("mlflow", "redis", 6379), ("ingress", "mlflow", 5000),
+               ("ingress", "grafana", 3000), ("spam-api", "spam-train-head", 8265), ("minio", "internet", 443),
+               ("spam-train-head", "postgres", 5432), ("redis", "minio", 9000), ("spam-api", "prometheus", 9090)]
+    assert [f for f in needed if not flow(*f)] == []
+    assert [f for f in refused if flow(*f)] == []
