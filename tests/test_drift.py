@@ -263,3 +263,23 @@ def test_metrics_registry_names(profile):
     assert names == {"spam_drift_score", "spam_drift_detected", "spam_drift_last_run_timestamp_seconds", "spam_model_accuracy"}
     assert text.count("spam_drift_score{") == len(tests) and "spam_drift_detected 1.0" in text
     assert "spam_drift_last_run_timestamp_seconds 1.7e+09" in text
+
+
+def test_unexpected_failure_still_leaves_a_report(env, profile):
+    settings, lake = env
+    _put(lake, _rows(dr.sms_like(300, 5).text, NOW - timedelta(hours=1)), "a")
+    broken = {k: v for k, v in profile.items() if k != "text"}  # e.g. a profile written by an older version
+    with pytest.raises(dr.DriftError, match="drift failed: KeyError"):
+        dr.drift(settings, CFG, NOW, profile=broken, run_local=lambda s, c: pytest.fail("retrained"), mlflow_log=False)
+    rep = lake.read_json(dr.LATEST)
+    assert rep["status"] == "error" and "KeyError" in rep["message"] and "retraining" not in rep
+
+
+def test_unreachable_registry_is_a_missing_baseline(env):
+    from spam_mlops.serve import free_port
+    settings, lake = env
+    _put(lake, _rows(dr.sms_like(300, 6).text, NOW - timedelta(hours=1)), "a")
+    s = get_settings(lake=settings.lake, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(dr.DriftInputError, match="missing_baseline: the MLflow registry .* does not answer"):
+        dr.drift(s, CFG, NOW)
+    assert lake.read_json(dr.LATEST)["status"] == "missing_baseline"
