@@ -9,12 +9,21 @@ import os
 import platform
 import time
 
-import numpy as np
 import pandas as pd
 
 from spam_mlops.config import get_settings
-from spam_mlops.train import (DEFAULT_CONFIG, evaluate, export_model, fit_model, predict_texts, prepare_data,
-                              run_trainer, split_frame, train_baseline, training_frame)
+from spam_mlops.train import (
+    DEFAULT_CONFIG,
+    evaluate,
+    export_model,
+    fit_model,
+    predict_texts,
+    prepare_data,
+    run_trainer,
+    split_frame,
+    train_baseline,
+    training_frame,
+)
 
 GOAL = {"accuracy": 0.990, "f1": 0.960, "mcc": 0.955, "roc_auc": 0.990}
 

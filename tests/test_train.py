@@ -11,9 +11,26 @@ import pytest
 from spam_mlops.config import get_settings
 from spam_mlops.curate import clean_text, read_curated
 from spam_mlops.lake import Lake
-from spam_mlops.train import (DEFAULT_CONFIG, RegistryError, TrackingError, TrainError, build_model, class_weights,
-                              export_model, fit_model, load_keras_model, predict_texts, prepare_data, promote,
-                              run_trainer, sample_frame, split_frame, split_of, train, training_frame)
+from spam_mlops.train import (
+    DEFAULT_CONFIG,
+    RegistryError,
+    TrackingError,
+    TrainError,
+    build_model,
+    class_weights,
+    export_model,
+    fit_model,
+    load_keras_model,
+    predict_texts,
+    prepare_data,
+    promote,
+    run_trainer,
+    sample_frame,
+    split_frame,
+    split_of,
+    train,
+    training_frame,
+)
 
 TINY = {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 2, "batch_size": 32}
 
@@ -82,7 +99,7 @@ def test_missing_curated_data(tmp_path):
 
 def test_build_model_is_the_seed_network():
     m = build_model(100, 16, 20, 0.3, 12)
-    assert [type(l).__name__ for l in m.layers] == ["InputLayer", "Embedding", "LSTM", "Dense"]
+    assert [type(layer).__name__ for layer in m.layers] == ["InputLayer", "Embedding", "LSTM", "Dense"]
     assert m.output.shape == (None, 1) and m.loss == "binary_crossentropy"
     assert m.get_layer("lstm").units == 20 and m.get_layer("embedding").output_dim == 16
 
