@@ -17,8 +17,17 @@ import pytest
 from spam_mlops.config import get_settings
 from spam_mlops.lake import Lake
 from spam_mlops.train import DEFAULT_CONFIG, fit_model, prepare_data, split_frame
-from spam_mlops.tune import (METRICS, SEARCH_SPACE, TUNE_DIR, TuneError, _prepare, metric_mode, param_space, search,
-                             start_ray)
+from spam_mlops.tune import (
+    METRICS,
+    SEARCH_SPACE,
+    TUNE_DIR,
+    TuneError,
+    _prepare,
+    metric_mode,
+    param_space,
+    search,
+    start_ray,
+)
 
 TINY = {"max_len": 24, "patience": 10}  # short sequences; no early stopping by the loop itself, so ASHA's stops show
 
