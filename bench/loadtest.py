@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--model-uri", help="models:/name@alias or a .keras path (default: champion, else train the probe LSTM)")
     ap.add_argument("--duration", type=float, default=60, help="seconds of the sustained run at --target")
     ap.add_argument("--target", type=int, default=1000, help="req/s the sustained run offers")
-    ap.add_argument("--sweep", default="1000,1500,2000,2500,3000,3500", help="fixed rates to step through")
+    ap.add_argument("--sweep", default="500,750,1000,1500,2000,2500,3000", help="fixed rates to step through")
     ap.add_argument("--step-s", type=float, default=15, help="seconds per sweep step and per baseline run")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
