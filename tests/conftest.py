@@ -55,7 +55,7 @@ def s3_server():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(url)
+        wait_http(url, timeout=90)  # a loaded 2-core machine can take a while to import moto
         yield url
     finally:
         proc.terminate()
