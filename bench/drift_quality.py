@@ -82,7 +82,7 @@ def scored_log(texts: list[str], keras_model, version: str) -> pd.DataFrame:
     p = predict_texts(keras_model, clean_text(pd.Series(texts, dtype=object)).fillna("").astype(str))
     now = datetime.now(UTC)
     return prediction_table([(now - timedelta(seconds=i), uuid.uuid4().hex, t, float(q), "spam" if q >= 0.5 else "ham", version)
-                             for i, (t, q) in enumerate(zip(texts, p))])
+                             for i, (t, q) in enumerate(zip(texts, p, strict=True))])
 
 
 def naive_alarm(tests: list[dict], alpha: float = 0.01) -> bool:

@@ -44,7 +44,7 @@ def profile():
 def _rows(texts, start, minutes=60.0, version="7"):
     p = _keyword_model(clean_text(pd.Series(list(texts), dtype=object)).tolist())
     ts = [start + timedelta(seconds=minutes * 60 * i / len(p)) for i in range(len(p))]
-    return prediction_table([(t, uuid.uuid4().hex, x, float(q), "spam" if q >= .5 else "ham", version) for t, x, q in zip(ts, texts, p)])
+    return prediction_table([(t, uuid.uuid4().hex, x, float(q), "spam" if q >= .5 else "ham", version) for t, x, q in zip(ts, texts, p, strict=True)])
 
 
 @pytest.fixture
