@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
@@ -225,11 +224,6 @@ def test_feast_cli_in_the_feature_repo(pipeline_lake, tmp_path, offline):
     feature_store.cache_clear()
 
 
-_OLD_S3FS = int(version("s3fs").split(".")[0]) < 2023
-
-
-@pytest.mark.xfail(_OLD_S3FS, reason="s3fs<2023 cannot read multipart-uploaded objects: needs s3fs>=2026.9",
-                   raises=FeatureStoreError, strict=True)
 def test_s3_lake(s3_env, pipeline_lake, tmp_path, offline):
     s3 = get_settings(lake="s3://spam-feast-test/prod", feature_repo=_repo(tmp_path / "repo"))
     Lake.from_settings(s3).write_parquet(FEATURES, offline.reset_index())
