@@ -30,16 +30,22 @@ def _scan(path: Path) -> list[dict]:
     return [s.json() for secrets in found.data.values() for s in secrets]
 
 
-def test_no_secret_in_the_tree():
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    r = subprocess.run([str(BIN / "detect-secrets-hook"), "--baseline", str(BASELINE), *files], cwd=ROOT,
+def test_no_secret_in_the_tree(tmp_path):
+    files = subprocess.run(["git", "ls-files", "--", ".", f":!{BASELINE.name}"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    baseline = tmp_path / BASELINE.name  # the hook rewrites its baseline: give it a copy
+    baseline.write_text(BASELINE.read_text())
+    r = subprocess.run([str(BIN / "detect-secrets-hook"), "--baseline", str(baseline), *files], cwd=ROOT,
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # exit 1 means a new secret; the hook also exits non-zero when it only refreshed line numbers in its copy
+    assert "Potential secrets" not in r.stdout + r.stderr, r.stdout
+    assert r.returncode == 0 or "baseline file was updated" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_no_secret_in_the_history(tmp_path):
     "Every line ever added in any commit, scanned; only findings audited as false positives may appear."
-    log = subprocess.run(["git", "log", "--all", "-p", "--no-color", "--unified=0"], cwd=ROOT, capture_output=True,
+    log = subprocess.run(["git", "log", "--all", "-p", "--no-color", "--unified=0", "--", ".", f":!{BASELINE.name}"],
+                         cwd=ROOT, capture_output=True,
                          check=True).stdout.decode("utf-8", "replace")
     added = tmp_path / "history.txt"
     added.write_text("\n".join(line[1:] for line in log.splitlines() if line.startswith("+") and not line.startswith("+++")))
@@ -50,7 +56,7 @@ def test_no_secret_in_the_history(tmp_path):
 def test_detector_finds_a_planted_credential(tmp_path):
     "The scan can fail: a real-looking AWS key is found."
     p = tmp_path / "leak.py"
-    p.write_text('aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"\n')
+    p.write_text('aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY"\n')  # pragma: allowlist secret
     assert _scan(p)
 
 
