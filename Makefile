@@ -32,10 +32,17 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; }
 	scripts/install-tools.sh
 
+# every stage on the embedded defaults: lake ./lake, MLflow sqlite:///mlflow.db, Feast on SQLite, Ray in-process
 demo: install
 	$(BIN)/spam-mlops ingest
 	$(BIN)/spam-mlops curate
 	$(BIN)/spam-mlops features
+	$(BIN)/spam-mlops feast-apply
+	$(BIN)/spam-mlops materialize
+	$(BIN)/spam-mlops train
+	$(BIN)/spam-mlops tune --num-samples 4 --epochs 2
+	BIN=$(BIN) scripts/demo-serve.sh
+	$(BIN)/spam-mlops drift --demo-traffic 500 --messages 500 --retrain off
 
 test: install tools
 	$(BIN)/nbdev-test --n-workers 2
