@@ -24,5 +24,9 @@ curl -s -X POST "http://localhost:$PORT/api/predict" -H "Content-Type: applicati
 curl -s -X POST "http://localhost:$PORT/api/predict/batch" -H "Content-Type: application/json" \
      -d '{"texts": ["Ok lar... Joking wif u oni...", "Are we still on for dinner tonight?"]}'; echo
 echo "== metrics (Ray's endpoint, port $METRICS_PORT)"
-sleep 2
-curl -s "http://localhost:$METRICS_PORT/metrics" | grep -E '^ray_spam_api_(requests_total|predictions_total)' | head -6 || true
+for _ in $(seq 30); do  # Ray's metrics agent exports every few seconds
+    out=$(curl -s "http://localhost:$METRICS_PORT/metrics" | grep -E '^ray_spam_api_(requests_total|predictions_total)' || true)
+    [[ -n "$out" ]] && break
+    sleep 1
+done
+echo "${out:-no spam_api series yet}" | head -6
