@@ -115,20 +115,20 @@ def test_trials_never_see_the_test_split(pipeline_lake):
 def test_search_with_a_crashing_trial_and_asha_stops(tracked, ray_cluster):
     """Four trials, one at a time: lstm_units=-1 makes Keras raise (two crashes); the learning rate 1e-9 cannot learn,
     so ASHA stops that trial at its first rung behind the good one."""
-    space = {"learning_rate": ("grid", [0.05, 1e-9]), "lstm_units": ("grid", [8, -1]),
+    space = {"learning_rate": ("grid", [0.01, 1e-9]), "lstm_units": ("grid", [8, -1]), "batch_size": ("choice", [16]),
              "embedding_dim": ("choice", [8, 16]), "dropout": ("uniform", 0.1, 0.3)}
     name = f"t-{uuid.uuid4().hex[:8]}"
     rep = search(tracked, space=space, num_samples=1, epochs=3, grace_period=1, reduction_factor=2, concurrency=1,
-                 sample_n=600, name=name, config=TINY, recall_floor=0.0)
+                 sample_n=1500, name=name, config=TINY, recall_floor=0.0)
     t = rep.table
     assert rep.trials == 4 and rep.errored == 2 and (t.status == "ERROR").sum() == 2
     assert set(t[t.status == "ERROR"].lstm_units) == {-1} and t[t.status == "ERROR"].error.str.contains("units").all()
-    good = t[(t.lstm_units == 8) & (t.learning_rate == 0.05)].iloc[0]
+    good = t[(t.lstm_units == 8) & (t.learning_rate == 0.01)].iloc[0]
     bad = t[(t.lstm_units == 8) & (t.learning_rate == 1e-9)].iloc[0]
     assert good.epochs == 3 and good.stopped_early == 0  # ran its whole budget
     assert bad.epochs == 1 and bad.stopped_early == 1  # stopped by ASHA at the first rung
     assert rep.stopped_early == 1 and rep.epochs_run == 4 and rep.epochs_budget == 12
-    assert rep.best_config["learning_rate"] == 0.05 and rep.best_config["lstm_units"] == 8
+    assert rep.best_config["learning_rate"] == 0.01 and rep.best_config["lstm_units"] == 8
     assert rep.best_value == pytest.approx(good.val_loss)
     # MLflow: the parent, one FINISHED or FAILED nested run per trial with per-epoch metrics, the winner nested too
     client = mlflow.MlflowClient()
@@ -136,7 +136,7 @@ def test_search_with_a_crashing_trial_and_asha_stops(tracked, ray_cluster):
     m = parent.data.metrics
     assert parent.info.status == "FINISHED"
     assert (m["trials_run"], m["trials_errored"], m["trials_stopped_early"]) == (4, 2, 1) and m["wall_seconds"] > 0
-    assert parent.data.params["best.learning_rate"] == "0.05" and parent.data.params["metric"] == "val_loss"
+    assert parent.data.params["best.learning_rate"] == "0.01" and parent.data.params["metric"] == "val_loss"
     trials = _children(client, rep.parent_run_id)
     assert sorted(r.info.status for r in trials) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     epochs = sorted(len(client.get_metric_history(r.info.run_id, "val_loss")) for r in trials if r.info.status == "FINISHED")
@@ -146,7 +146,7 @@ def test_search_with_a_crashing_trial_and_asha_stops(tracked, ray_cluster):
     assert {"best_config.json", "trials.csv", "plots/metric_per_epoch.html", "plots/parallel_coordinates.html"} <= arts
     assert len(rep.figures["metric_per_epoch"].data) == 2
     [winner] = _children(client, rep.parent_run_id, "winner")
-    assert winner.info.run_id == rep.winner.run_id and winner.data.params["learning_rate"] == "0.05"
+    assert winner.info.run_id == rep.winner.run_id and winner.data.params["learning_rate"] == "0.01"
     assert parent.data.tags["winner.version"] == rep.winner.version and "winner_test_mcc" in m
     champ = client.get_model_version_by_alias(tracked.model_name, "champion")
     assert str(champ.version) == rep.winner.version and rep.winner.gate["decision"] == "promoted"
