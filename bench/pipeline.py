@@ -27,13 +27,15 @@ from spam_mlops.features import build_features  # noqa: E402
 from spam_mlops.ingest import ingest, message_id, read_raw  # noqa: E402
 from spam_mlops.lake import Lake  # noqa: E402
 
-PY_RULES = [(re.compile(p), t.replace("\\1", r"\1")) for p, t in _RULES]
+PY_RULES = [(re.compile(p), t) for p, t, _ in _RULES]
 
 
 def naive_row(row: pd.Series) -> pd.Series:
     "The per-row way: clean and featurise one message at a time."
     t = html.unescape(row.text).lower()
     for pat, tok in PY_RULES: t = pat.sub(tok, t)
+    t = t.replace("!", " ! ").replace("?", " ? ")
+    t = " ".join(t.split())
     s = row.text
     letters = sum(c.isascii() and c.isalpha() for c in s)
     return pd.Series({"clean_text": t.strip(), "text_length": len(s), "word_count": len(s.split()),
@@ -42,10 +44,19 @@ def naive_row(row: pd.Series) -> pd.Series:
                       "upper_ratio": sum(c.isupper() for c in s) / max(letters, 1), "exclamation_count": s.count("!")})
 
 
+def _letters(i: int) -> str:
+    "A distinct all-letter tag for i (base 26)."
+    out = ""
+    while True:
+        i, r = divmod(i, 26)
+        out += chr(97 + r)
+        if not i: return out
+
+
 def resample(raw: pd.DataFrame, n: int) -> pd.DataFrame:
     "n messages drawn from the corpus, each made unique by a suffix so that dedupe keeps all of them."
     df = raw.sample(n, replace=True, random_state=0).reset_index(drop=True)
-    df["text"] = df.text + " ref" + df.index.astype(str)
+    df["text"] = df.text + " ref" + pd.Series([_letters(i) for i in df.index])  # letters: keep the digit mix real
     df["message_id"] = [message_id(t) for t in df.text]
     return df
 
