@@ -40,7 +40,7 @@ demo: install
 	$(BIN)/spam-mlops feast-apply
 	$(BIN)/spam-mlops materialize
 	$(BIN)/spam-mlops train
-	$(BIN)/spam-mlops tune --num-samples 4 --epochs 2
+	$(BIN)/spam-mlops tune --num-samples 4 --epochs 2 --grace-period 1 --sample-n 1500
 	BIN=$(BIN) scripts/demo-serve.sh
 	$(BIN)/spam-mlops drift --demo-traffic 500 --messages 500 --retrain off
 

@@ -159,7 +159,7 @@ def start_ray(num_cpus: int | None = None, attempts: int = 5) -> bool:
 def _ray_sessions() -> set[str]:
     "Names of the Ray session folders under Ray's temp dir."
     import glob
-    root = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")
+    root = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")  # nosec B108: where Ray keeps its sessions
     return {os.path.basename(p) for p in glob.glob(os.path.join(root, "session_2*"))}
 
 
