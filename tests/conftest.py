@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("SPAM_MLOPS_SOURCE", ROOT.parent / "shared" / "data" / "SMSSpamCollection")).resolve()
 
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(path: str | None, name: str, hint: str) -> str:
+    "A tool's path; when it is missing the test fails under CI=true (CI installs every tool) and skips elsewhere."
+    if path: return path
+    msg = f"{name} not found: {hint}"
+    if IN_CI: pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def free_port() -> int:
     "A TCP port nobody listens on right now."
     with socket.socket() as s:

@@ -19,30 +19,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import validate_manifests as vm  # noqa: E402
 
 OVERLAYS = ["local", "prod"]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def tool(name: str) -> str:
-    "Path of a validation tool; fails under CI=true, skips elsewhere, when it is missing."
-    path = vm.find_tool(name)
-    if path: return path
-    msg = f"{name} not found: run scripts/install-tools.sh (tools venv {vm.tools_bin().parent})"
-    if IN_CI: pytest.fail(msg)
-    pytest.skip(msg)
+    "Path of a validation tool (see conftest.require)."
+    return require(vm.find_tool(name), name, f"run scripts/install-tools.sh (tools venv {vm.tools_bin().parent})")
 
 
 def tools_python() -> str:
     py = vm.tools_bin() / "python"
-    if py.is_file(): return str(py)
-    msg = f"tools venv missing at {vm.tools_bin().parent}: run scripts/install-tools.sh"
-    if IN_CI: pytest.fail(msg)
-    pytest.skip(msg)
+    return require(str(py) if py.is_file() else None, "tools venv", f"run scripts/install-tools.sh ({vm.tools_bin().parent})")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -23,22 +22,18 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 MON = ROOT / "monitoring"
 RULES = MON / "alert-rules.yaml"
 DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
 ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def need(name: str) -> str:
-    "A Debian prometheus binary; fails under CI=true, skips elsewhere, when missing."
-    path = shutil.which(name)
-    if path: return path
-    msg = f"{name} not found: run scripts/install-tools.sh (Debian package prometheus)"
-    if IN_CI: pytest.fail(msg)
-    pytest.skip(msg)
+    "A Debian prometheus binary (see conftest.require)."
+    return require(shutil.which(name), name, "run scripts/install-tools.sh (Debian package prometheus)")
 
 
 def metric_table() -> dict[str, tuple[str, list[str]]]:
