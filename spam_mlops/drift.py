@@ -630,9 +630,11 @@ def acquire_lock(lake: Lake, owner: str, now: datetime, ttl_hours: float) -> tup
     if not lake.is_s3:
         p = Path(lake.path(LOCK))
         p.parent.mkdir(parents=True, exist_ok=True)
-        try: fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        tmp = p.with_name(f".{p.name}.{payload['token']}")
+        tmp.write_text(json.dumps(payload))  # the lock appears whole: a reader never sees an empty one
+        try: os.link(tmp, p)  # fails if the lock exists: exclusive, like O_EXCL
         except FileExistsError: return False, "a retraining is in flight (lock just taken by another process)"
-        with os.fdopen(fd, "w") as f: f.write(json.dumps(payload))
+        finally: tmp.unlink()
         return True, note
     lake.write_json(LOCK, payload)
     time.sleep(1.0)
