@@ -110,9 +110,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="materializations per store (best and median reported)")
     ap.add_argument("--redis-url", default=os.environ.get("SPAM_MLOPS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"))
     a = ap.parse_args()
-    print(machine())
-    print(f"load average {os.getloadavg()[0]:.1f} at start (other work on this machine skews the figures)")
-    print(f"feast {__import__('feast').__version__}, redis server {redis.Redis.from_url(a.redis_url).info()['redis_version']}, "
+    print(machine("feast", "redis"), "(other work on this machine skews the figures)")
+    print(f"redis server {redis.Redis.from_url(a.redis_url).info()['redis_version']}, "
           f"{a.rows} rows, {a.calls} calls per read case")
     tmp = Path(tempfile.mkdtemp(prefix="bench-feast-"))
     shutil.copytree(ROOT / "feature_repo", tmp / "repo", ignore=shutil.ignore_patterns("data", "__pycache__"))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -26,20 +24,16 @@ from pathlib import Path
 
 import requests
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_info  # noqa: E402
+
 BODY = '{"text": "Click here for FREE money! Call 09061701461 to claim your prize"}'
 P95_LIMIT_S = 0.100
 
 
 def machine() -> dict:
-    "Platform, CPUs, memory, versions."
-    mem = next((int(ln.split()[1]) // 1024 for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), None)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    import ray
-    import tensorflow as tf
-    hey = shutil.which("hey")
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "cpu": cpu, "memory_mb": mem, "load_avg_at_start": os.getloadavg(), "ray": ray.__version__,
-            "tensorflow": tf.__version__, "load_generator": f"hey ({hey})"}
+    "The machine (bench/machine.py), the versions that matter here and the load generator."
+    return {**machine_info("ray", "tensorflow-cpu", "keras"), "load_generator": f"hey ({shutil.which('hey')})"}
 
 
 def hey(url: str, duration: float, rate: int | None = None, conc: int = 64, headers: dict | None = None) -> dict:

@@ -9,7 +9,7 @@ concurrency, plus the same per-trial start-up overhead the real search paid.
 """
 import argparse
 import os
-import platform
+import sys
 import tempfile
 import time
 
@@ -18,13 +18,10 @@ import pandas as pd
 from spam_mlops.config import get_settings
 from spam_mlops.tune import search
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402
+
 GOAL = {"accuracy": 0.990, "f1": 0.960, "mcc": 0.955}
-
-
-def machine() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | {mem:.0f} GB | load {load}"
 
 
 def main():
@@ -38,7 +35,7 @@ def main():
     ap.add_argument("--metric", default="val_loss")
     ap.add_argument("--tracking-uri", default=None)
     a = ap.parse_args()
-    print("machine:", machine())
+    print(machine("ray", "tensorflow-cpu", "keras"))
     print("args:", vars(a))
     uri = a.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='tune-bench-')}/mlflow.db"
     s = get_settings(mlflow_tracking_uri=uri)

@@ -83,6 +83,7 @@ rand() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 SECRETS=(
     "minio-credentials MINIO_ROOT_USER=minio-admin MINIO_ROOT_PASSWORD=RANDOM"
     "spam-mlops-s3 AWS_ACCESS_KEY_ID=spam-mlops AWS_SECRET_ACCESS_KEY=RANDOM"
+    "spam-mlops-backup-s3 AWS_ACCESS_KEY_ID=spam-mlops-backup AWS_SECRET_ACCESS_KEY=RANDOM"
     "postgres-credentials POSTGRES_USER=mlflow POSTGRES_PASSWORD=RANDOM"
     "redis-credentials REDIS_PASSWORD=RANDOM"
     "grafana-admin GF_SECURITY_ADMIN_USER=admin GF_SECURITY_ADMIN_PASSWORD=RANDOM"

@@ -68,16 +68,25 @@ class BackupReport:
     def __str__(self): return f"backup: {self.files} files, {self.bytes:,} bytes → {self.location}"
 
 
-def backup(db: str, artifacts: str, dest: str, settings: Settings | None = None) -> BackupReport:
-    "Dump the MLflow database and copy the artifact store to `dest/<timestamp>/`, with a checksummed manifest."
+def backup(db: str, artifacts: str, dest: str, settings: Settings | None = None, dump_file: str | None = None) -> BackupReport:
+    """Dump the MLflow database and copy the artifact store to `dest/<timestamp>/`, with a checksummed manifest.
+
+    `dump_file`: a `pg_dump -Fc` file made beforehand, used instead of running `pg_dump` here. The CronJob makes it
+    in an init container from the database server's own image, because `pg_dump` refuses a server of a newer major
+    version than itself."""
     settings = settings or get_settings()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     src, out = _store(artifacts, settings), _store(dest, settings)
     files = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        dump = Path(tmp) / "mlflow.dump"
-        _pg("pg_dump", "-Fc", "--no-owner", "-f", str(dump), _libpq_url(db))
-        files["mlflow.dump"] = dump.read_bytes()
+    if dump_file:
+        data = Path(dump_file).read_bytes() if Path(dump_file).is_file() else b""
+        if not data.startswith(b"PGDMP"): raise BackupError(f"{dump_file}: not a pg_dump custom-format file (pg_dump -Fc)")
+        files["mlflow.dump"] = data
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            dump = Path(tmp) / "mlflow.dump"
+            _pg("pg_dump", "-Fc", "--no-owner", "-f", str(dump), _libpq_url(db))
+            files["mlflow.dump"] = dump.read_bytes()
     for rel in tqdm(src.list(""), desc="artifacts", unit="file", leave=False):
         files[f"artifacts/{rel}"] = src.read_bytes(rel)
     u = urlparse(db)

@@ -200,6 +200,27 @@ def test_bucket_init_creates_prefixes(rendered):
     assert {"raw", "curated", "features"} <= set(prefixes)
 
 
+def test_backup_cronjob_dumps_with_the_servers_pg_dump(rendered):
+    "Nightly backup: pg_dump from the PostgreSQL server's own image into a shared volume, then `spam-mlops backup`."
+    docs = rendered["prod"]
+    cron = objects(docs, "CronJob")["mlflow-backup"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and len(cron["spec"]["schedule"].split()) == 5
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    server = objects(docs, "StatefulSet")["postgres"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    (dump,), (main,) = pod["initContainers"], pod["containers"]
+    assert dump["image"] == server  # same major version as the server
+    out = dump["command"][dump["command"].index("-f") + 1]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert main["args"] == ["spam-mlops", "backup"] and env["SPAM_MLOPS_BACKUP_DUMP"] == out
+    assert env["SPAM_MLOPS_BACKUP_ARTIFACTS"].startswith("s3://spam-mlops-lake/")
+    assert env["SPAM_MLOPS_BACKUP_DEST"].split("/")[2] == "spam-mlops-backups"
+    mounts = lambda c: {m["name"]: m["mountPath"] for m in c["volumeMounts"]}  # noqa: E731
+    assert mounts(dump)["backup"] == mounts(main)["backup"] == out.rsplit("/", 1)[0]
+    assert {"name": "spam-mlops-backup-s3"} in [e["secretRef"] for e in main["envFrom"] if "secretRef" in e]
+    script = objects(docs, "Job")["minio-bucket-init"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert 'mc mb --ignore-existing "lake/$BACKUP_BUCKET"' in script and "spam-mlops-backup" in script
+
+
 def test_drift_rbac_is_least_privilege(rendered):
     docs = rendered["prod"]
     roles = objects(docs, "Role")
@@ -232,7 +253,7 @@ def test_network_policies_default_deny_and_flows(rendered):
                 for e in peer.get("podSelector", {}).get("matchExpressions", []): names |= set(e["values"])
                 names |= set(peer.get("podSelector", {}).get("matchLabels", {}).values())
         return names
-    assert allowed_from("postgres") == {"mlflow"}
+    assert allowed_from("postgres") == {"mlflow", "spam-backup"}
     assert allowed_from("redis") == {"spam-pipeline"}
     assert "spam-api" not in allowed_from("redis") and "grafana" not in allowed_from("minio")
     # every pod of the system is selected by at least one policy besides the default deny
@@ -542,11 +563,13 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
               ("spam-drift", "minio", 9000), ("spam-drift", "mlflow", 5000), ("spam-drift", "pushgateway", 9091),
               ("spam-drift", "internet", 443), ("prometheus", "spam-api", 8080), ("prometheus", "mlflow", 5000),
               ("prometheus", "pushgateway", 9091), ("prometheus", "spam-train-head", 8080), ("prometheus", "minio", 9000),
-              ("grafana", "prometheus", 9090), ("minio-bucket-init", "minio", 9000), ("spam-api", "dns", 53)]
+              ("grafana", "prometheus", 9090), ("minio-bucket-init", "minio", 9000), ("spam-api", "dns", 53),
+              ("spam-backup", "postgres", 5432), ("spam-backup", "minio", 9000)]
     refused = [("spam-api", "postgres", 5432), ("spam-api", "redis", 6379), ("spam-api", "internet", 443),
                ("grafana", "mlflow", 5000), ("grafana", "minio", 9000), ("spam-pipeline", "postgres", 5432),
                ("spam-drift", "redis", 6379), ("mlflow", "redis", 6379), ("ingress", "mlflow", 5000),
                ("ingress", "grafana", 3000), ("spam-api", "spam-train-head", 8265), ("minio", "internet", 443),
-               ("spam-train-head", "postgres", 5432), ("redis", "minio", 9000), ("spam-api", "prometheus", 9090)]
+               ("spam-train-head", "postgres", 5432), ("redis", "minio", 9000), ("spam-api", "prometheus", 9090),
+               ("spam-backup", "redis", 6379), ("spam-backup", "internet", 443), ("spam-backup", "mlflow", 5000)]
     assert [f for f in needed if not flow(*f)] == []
     assert [f for f in refused if flow(*f)] == []

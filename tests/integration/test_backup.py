@@ -2,6 +2,10 @@
 drop the database and the artifacts, restore; runs, versions, the champion alias and the model come back."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+import uuid
+
 import boto3
 import mlflow
 import numpy as np
@@ -57,3 +61,33 @@ def test_tampered_backup_is_refused(tmp_path, pipeline_lake):
     lake.write_json("b/manifest.json", {"files": {"mlflow.dump": {"bytes": 1, "sha256": "f" * 64}}})
     with pytest.raises(BackupError, match="checksum mismatch"):
         restore(f"{tmp_path}/b", "postgresql://postgres@127.0.0.1:5432/never_created", f"{tmp_path}/a")
+
+
+def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
+    """The CronJob's path: `pg_dump` runs elsewhere (the server's own image), `backup(dump_file=...)` takes its file;
+    a drop and a restore bring the rows back. A file that is not a custom-format dump is refused."""
+    db = f"spam_bk_{uuid.uuid4().hex[:10]}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{db}"
+    pg_exec(f"CREATE DATABASE {db}")
+    try:
+        pg_exec("CREATE TABLE runs (id text primary key, mcc float)", db)
+        pg_exec("INSERT INTO runs VALUES ('r1', 0.963), ('r2', 0.5)", db)
+        dump = tmp_path / "mlflow.dump"
+        subprocess.run([shutil.which("pg_dump"), "-Fc", "--no-owner", "-f", str(dump), url], check=True, timeout=120)
+        (tmp_path / "artifacts" / "1").mkdir(parents=True)
+        (tmp_path / "artifacts" / "1" / "model.keras").write_bytes(b"weights")
+        s = get_settings(lake=str(tmp_path))
+        bk = backup(url, str(tmp_path / "artifacts"), str(tmp_path / "backups"), s, dump_file=str(dump))
+        assert bk.files == 2
+
+        pg_exec(f"DROP DATABASE {db} WITH (FORCE)")
+        shutil.rmtree(tmp_path / "artifacts")
+        restore(bk.location, url, str(tmp_path / "artifacts"), s)
+        assert sorted(pg_exec("SELECT id, mcc FROM runs", db)) == [("r1", 0.963), ("r2", 0.5)]
+        assert (tmp_path / "artifacts" / "1" / "model.keras").read_bytes() == b"weights"
+
+        (tmp_path / "not-a-dump.sql").write_text("CREATE TABLE x ();")
+        with pytest.raises(BackupError, match="not a pg_dump custom-format file"):
+            backup(url, str(tmp_path / "artifacts"), str(tmp_path / "backups"), s, dump_file=str(tmp_path / "not-a-dump.sql"))
+    finally:
+        pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
