@@ -9,9 +9,9 @@ the difference is significant, and, if it is, starts one retraining.
    split (held out from the vocabulary and the weights, so it shows what *new* in-distribution text looks
    like), the out-of-vocabulary rate against the model's vocabulary, the token distribution and the
    model's predicted spam rate. It is stored with the model as the artifact `drift/baseline.json` of the
-   model's MLflow run. Training can call `profile_from_parts` itself; until it does, `load_baseline`
-   computes the profile on demand from the lake's curated/features data and the registered model, and
-   logs it to that run.
+   model's MLflow run: training (`spam_mlops.train.train`) logs it for every model it registers. For a model
+   without one, `load_baseline` computes the profile on demand from the lake's curated/features data and the
+   registered model, and logs it to that run.
 2. **Window** (`read_predictions`): the last N hours or the last N messages of the prediction log.
 3. **Tests** (`run_tests`): per feature PSI plus KS (numbers) or chi-square (yes/no); text: OOV rate and
    Jensen-Shannon divergence of token distributions; prediction: spam-rate shift (chi-square) and PSI of the
@@ -320,7 +320,7 @@ def compute_baseline(settings: Settings, model: dict, lake: Lake | None = None, 
 
     from spam_mlops import train as tr
     lake = lake or Lake.from_settings(settings)
-    try: parts = tr.split_frame(tr.training_frame(lake=lake))
+    try: parts = tr.split_frame(tr.training_frame(lake=lake, source="lake"))
     except SpamMlopsError as e: raise DriftInputError("missing_baseline", f"cannot rebuild the training split: {e}") from None
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     try: keras_model = tr.load_keras_model(model["uri"])
@@ -895,7 +895,7 @@ def simulate_traffic(settings: Settings | None = None, n: int = 500, foreign: bo
     model = resolve_model(settings, model_uri)
     if foreign: texts = foreign_texts(n, seed)
     else:
-        test = tr.split_frame(tr.training_frame(lake=lake))["test"]
+        test = tr.split_frame(tr.training_frame(lake=lake, source="lake"))["test"]
         ids = set(test.message_id)
         from spam_mlops.curate import read_curated
         cur = read_curated(lake)

@@ -22,16 +22,19 @@ import pandas as pd
 
 from .config import Settings, SpamMlopsError, get_settings
 from .curate import CURATED, clean_text, read_curated
+from .drift import BASELINE_ARTIFACT, log_baseline, profile_from_parts
+from .feature_store import FeatureStoreError, MissingFeaturesError, historical_features
 from .features import FEATURE_TYPES, read_features
 from .ingest import MANIFEST
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'SPLIT_FRACTIONS', 'RECALL_FLOOR', 'TrainError', 'TrackingError', 'RegistryError', 'training_frame',
-           'raw_sha256', 'split_of', 'split_frame', 'sample_frame', 'make_vectorizer', 'build_model', 'export_model',
-           'class_weights', 'prepare_data', 'fit_model', 'train_loop_per_worker', 'run_trainer', 'fit', 'evaluate',
+__all__ = ['DEFAULT_CONFIG', 'SPLIT_FRACTIONS', 'RECALL_FLOOR', 'FEATURES_SOURCES', 'TrainError', 'TrackingError',
+           'RegistryError', 'training_frame', 'raw_sha256', 'split_of', 'split_frame', 'sample_frame',
+           'make_vectorizer', 'build_model', 'export_model', 'class_weights', 'prepare_data', 'fit_model',
+           'absolute_tracking_uri', 'epoch_logger', 'train_loop_per_worker', 'run_trainer', 'fit', 'evaluate',
            'train_baseline', 'predict_texts', 'charts', 'SpamModel', 'log_served_model', 'load_keras_model',
-           'check_tracking', 'champion_version', 'promote', 'TrainReport', 'git_commit', 'train']
+           'log_keras_flavour', 'check_tracking', 'champion_version', 'promote', 'TrainReport', 'git_commit', 'train']
 
 # %% ../nbs/04_train.ipynb #b3142e9b
 class TrainError(SpamMlopsError):
@@ -59,15 +62,46 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
 RECALL_FLOOR = 0.90  # a model below this spam recall on the test split never becomes champion
 
 # %% ../nbs/04_train.ipynb #4dac9acd
-def training_frame(settings: Settings | None = None, lake: Lake | None = None) -> pd.DataFrame:
-    "Curated messages joined with their features on message_id: message_id, label, clean_text, y, features."
-    lake = lake or Lake.from_settings(settings or get_settings())
+FEATURES_SOURCES = ("feast", "lake")
+
+
+def _curated_rows(lake: Lake) -> pd.DataFrame:
+    "message_id, label, clean_text of every curated message, sorted by message_id."
     if not lake.exists(CURATED): raise TrainError(f"no curated data at {lake.url(CURATED)}: run `spam-mlops curate` first")
-    cur = read_curated(lake)[["message_id", "label", "clean_text"]]
+    return read_curated(lake)[["message_id", "label", "clean_text"]].sort_values("message_id", ignore_index=True)
+
+
+def _lake_join(cur: pd.DataFrame, lake: Lake) -> pd.DataFrame:
+    "cur joined with the lake's features Parquet on message_id."
     try: feats = read_features(lake).drop(columns=["event_timestamp"])
     except SpamMlopsError as e: raise TrainError(f"no features: {e}; run `spam-mlops features` first") from None
     df = cur.merge(feats, on="message_id", how="inner", validate="one_to_one")
     if len(df) < len(cur): raise TrainError(f"{len(cur) - len(df)} curated messages have no features: rerun `spam-mlops features`")
+    return df
+
+
+def _feast_retrieval(cur: pd.DataFrame, lake: Lake, settings: Settings) -> pd.DataFrame:
+    "cur with the features Feast's historical retrieval returns as of each message's ingest time."
+    if not lake.exists(MANIFEST): raise TrainError(f"no ingest manifest at {lake.url(MANIFEST)}: run `spam-mlops ingest` first")
+    entity = cur.assign(event_timestamp=pd.Timestamp(lake.read_json(MANIFEST)["ingested_at"]))
+    try: df = historical_features(settings, entity)
+    except MissingFeaturesError as e:
+        raise TrainError(f"Feast's historical retrieval lost curated messages: {e}; rerun `spam-mlops features` "
+                         "and `spam-mlops feast-apply`") from None
+    except FeatureStoreError as e: raise TrainError(f"the training frame comes from Feast: {e}") from None
+    if len(df) != len(cur) or set(df.message_id) != set(cur.message_id):
+        raise TrainError(f"Feast's historical retrieval returned {len(df)} rows for {len(cur)} curated messages: "
+                         "run `spam-mlops feast-apply`")
+    return df.drop(columns=["event_timestamp"]).sort_values("message_id", ignore_index=True)
+
+
+def training_frame(settings: Settings | None = None, lake: Lake | None = None, source: str = "feast") -> pd.DataFrame:
+    "Curated messages with their features, sorted by message_id: message_id, label, clean_text, features, y."
+    if source not in FEATURES_SOURCES: raise TrainError(f"features source {source!r}: use one of {', '.join(FEATURES_SOURCES)}")
+    if settings is None: settings = get_settings(lake=lake.uri) if lake is not None else get_settings()
+    lake = lake or Lake.from_settings(settings)
+    cur = _curated_rows(lake)
+    df = _feast_retrieval(cur, lake, settings) if source == "feast" else _lake_join(cur, lake)
     df["y"] = (df.label == "spam").astype("int64")
     return df
 
@@ -245,6 +279,28 @@ def fit_model(config: dict, data: dict, report=None, rank: int = 0, world_size: 
     return model, history
 
 # %% ../nbs/04_train.ipynb #19a10973
+_MLFLOW_KEYS = ("mlflow_run_id", "mlflow_tracking_uri")
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    "A sqlite:/// URI with an absolute path (a Ray worker runs in another folder); other URIs unchanged."
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"): return uri
+    return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+
+
+def epoch_logger(run_id: str, tracking_uri: str):
+    "A `report` callback for fit_model that logs each epoch's metrics to MLflow run `run_id` at once (step = epoch)."
+    import mlflow
+    from mlflow.entities import Metric
+    client = mlflow.MlflowClient(tracking_uri)
+
+    def log(m: dict):
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(m["epoch"])) for k, v in m.items()
+                                          if k not in ("epoch", "final")])
+    return log
+
+
 def train_loop_per_worker(config: dict):
     "Ray Train entry point: run fit_model on this worker, report each epoch, checkpoint the best model from rank 0."
     import ray
@@ -252,8 +308,13 @@ def train_loop_per_worker(config: dict):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data = ray.get(config["data_ref"])
-    cfg = {k: v for k, v in config.items() if k != "data_ref"}
-    model, history = fit_model(cfg, data, report=lambda m: ray.train.report(m), rank=rank, world_size=world)
+    cfg = {k: v for k, v in config.items() if k != "data_ref" and k not in _MLFLOW_KEYS}
+    log = epoch_logger(config["mlflow_run_id"], config["mlflow_tracking_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
+
+    def report(m):
+        if log: log(m)
+        ray.train.report(m)
+    model, history = fit_model(cfg, data, report=report, rank=rank, world_size=world)
     final = min(history, key=lambda m: m["val_loss"]) | {"final": 1}
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
@@ -264,15 +325,18 @@ def train_loop_per_worker(config: dict):
         ray.train.report(final, checkpoint=ckpt)
 
 
-def run_trainer(config: dict, data: dict, workers: int = 1, storage_path: str | None = None):
-    "Train with Ray Train's TensorflowTrainer on `workers` workers (1 CPU each); returns (model, history)."
+def run_trainer(config: dict, data: dict, workers: int = 1, storage_path: str | None = None,
+                mlflow_run: tuple[str, str] | None = None):
+    """Train with Ray Train's TensorflowTrainer on `workers` workers (1 CPU each); rank 0 logs each epoch to `mlflow_run`
+    (run id, tracking URI) if given; returns (model, history)."""
     import keras
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
     if not ray.is_initialized(): ray.init(num_cpus=max(2, workers), log_to_driver=False)
     storage = storage_path or tempfile.mkdtemp(prefix="spam-train-")
-    trainer = TensorflowTrainer(train_loop_per_worker, train_loop_config=dict(config, data_ref=ray.put(data)),
+    live = dict(zip(_MLFLOW_KEYS, (mlflow_run[0], absolute_tracking_uri(mlflow_run[1])), strict=True)) if mlflow_run else {}
+    trainer = TensorflowTrainer(train_loop_per_worker, train_loop_config=dict(config, data_ref=ray.put(data), **live),
                                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                                 run_config=RunConfig(storage_path=storage, name=f"train-{int(time.time())}"))
     try: result = trainer.fit()
@@ -282,9 +346,10 @@ def run_trainer(config: dict, data: dict, workers: int = 1, storage_path: str | 
         return keras.saving.load_model(f"{d}/network.keras"), json.loads(Path(f"{d}/history.json").read_text())
 
 
-def fit(config: dict, data: dict, workers: int = 1):
-    "fit_model in-process when workers == 0, else under Ray Train."
-    return fit_model(config, data) if workers == 0 else run_trainer(config, data, workers)
+def fit(config: dict, data: dict, workers: int = 1, mlflow_run: tuple[str, str] | None = None):
+    "fit_model in-process when workers == 0, else under Ray Train; each epoch logged live to `mlflow_run` (run id, URI) if given."
+    if workers: return run_trainer(config, data, workers, mlflow_run=mlflow_run)
+    return fit_model(config, data, report=epoch_logger(*mlflow_run) if mlflow_run else None)
 
 # %% ../nbs/04_train.ipynb #9bad5c95
 def evaluate(y: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict:
@@ -390,6 +455,23 @@ def load_keras_model(model_uri: str):
     if len(found) != 1: raise RegistryError(f"{model_uri} holds {len(found)} .keras files, expected exactly one")
     return keras.saving.load_model(found[0])
 
+# %% ../nbs/04_train.ipynb #a1efcb63
+def log_keras_flavour(model, example: list[str]) -> str:
+    "Log the served (string-input) Keras model in MLflow's TensorFlow/Keras flavour as `keras_model`, with a signature and an input example; returns its URI."
+    import logging
+
+    import mlflow.tensorflow
+    from mlflow.models import infer_signature
+    x = np.asarray(example, dtype=str).reshape(-1, 1)
+    sig = infer_signature(x, predict_texts(model, x[:, 0]).reshape(-1, 1).astype("float32"))
+    quiet = logging.getLogger("mlflow.models.model")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the flavour's generic pyfunc check of the example fails on strings (known, upstream)
+    try: info = mlflow.tensorflow.log_model(model, name="keras_model", signature=sig, input_example=x,
+                                            pip_requirements=_requirements())
+    finally: quiet.setLevel(level)
+    return info.model_uri
+
 # %% ../nbs/04_train.ipynb #9c97ddbe
 def check_tracking(uri: str):
     "Raise TrackingError if an http(s) tracking server does not answer."
@@ -457,23 +539,20 @@ def _ensure_experiment(client, name: str, uri: str):
     client.create_experiment(name, artifact_location=loc)
 
 
-def _run_body(settings, lake, c, sample_n, workers, recall_floor, client) -> TrainReport:
+def _run_body(settings, lake, c, sample_n, workers, recall_floor, client, features_source) -> TrainReport:
     import mlflow
-    from mlflow.entities import Metric
+    run_id = mlflow.active_run().info.run_id
     mlflow.log_params({**{k: v for k, v in c.items()}, "workers": workers, "sample_n": sample_n or "all",
                        "raw_sha256": raw_sha256(lake), "git_commit": git_commit(), "lake": lake.uri,
+                       "features_source": features_source,
                        "split_fractions": list(SPLIT_FRACTIONS), "recall_floor": recall_floor})
-    df = sample_frame(training_frame(lake=lake), sample_n, c["seed"])
+    df = sample_frame(training_frame(settings, lake, source=features_source), sample_n, c["seed"])
     parts = split_frame(df)
     mlflow.log_params({f"rows_{k}": len(p) for k, p in parts.items()} | {f"spam_{k}": int(p.y.sum()) for k, p in parts.items()})
     data = prepare_data(parts, c)
     t0 = time.time()
-    net, history = fit(c, data, workers)
+    net, history = fit(c, data, workers, mlflow_run=(run_id, settings.mlflow_tracking_uri))  # epochs logged live
     seconds = time.time() - t0
-    run_id = mlflow.active_run().info.run_id
-    now = int(time.time() * 1000)
-    hist = [Metric(k, float(v), now, int(h["epoch"])) for h in history for k, v in h.items() if k not in ("epoch", "final")]
-    client.log_batch(run_id, metrics=hist)
     served = export_model(data["vocabulary"], net, c["max_len"])
     test = parts["test"]
     p = predict_texts(served, test.clean_text)
@@ -484,26 +563,34 @@ def _run_body(settings, lake, c, sample_n, workers, recall_floor, client) -> Tra
                        | {"train_seconds": seconds, "epochs_run": len(history)})
     for name, fig in charts(test.y.values, {"lstm": p, "baseline": base_scores}, {"lstm": 0.5, "baseline": 0.0}).items():
         mlflow.log_figure(fig, f"plots/{name}.html")
-    uri = log_served_model(served, data["vocabulary"], c["max_len"], test.clean_text.head(3).astype(str).tolist())
-    version = mlflow.register_model(uri, settings.model_name).version
-    g = promote(client, settings.model_name, str(version), m, test, recall_floor)
+    example = test.clean_text.head(3).astype(str).tolist()
+    uri = log_served_model(served, data["vocabulary"], c["max_len"], example)
+    mlflow.set_tag("keras_model_uri", log_keras_flavour(served, example))
+    version = str(mlflow.register_model(uri, settings.model_name).version)
+    # the drift stage's reference: training-split features, validation text and predictions of this model
+    log_baseline(profile_from_parts(parts, data["vocabulary"], lambda t: predict_texts(served, t),
+                                    model={"name": settings.model_name, "version": version, "run_id": run_id}))
+    g = promote(client, settings.model_name, version, m, test, recall_floor)
     mlflow.set_tags({"gate.decision": g["decision"], "gate.champion_version": str(g["champion_version"]),
-                     "registered_version": str(version)})
+                     "registered_version": version, "drift.baseline": BASELINE_ARTIFACT})
     mlflow.log_metrics({k: v for k, v in {"gate_challenger_mcc": g["challenger_mcc"], "gate_champion_mcc": g["champion_mcc"]}.items()
                         if v is not None})
     mlflow.log_dict(g, "gate.json")
-    return TrainReport(run_id, str(version), m, b, g, seconds, history)
+    return TrainReport(run_id, version, m, b, g, seconds, history)
 
 
 def train(settings: Settings | None = None, config: dict | None = None, sample_n: int | None = None, workers: int = 1,
           recall_floor: float = RECALL_FLOOR, lake: Lake | None = None, run_name: str | None = None,
-          tags: dict | None = None) -> TrainReport:
-    "Train, evaluate beside the baseline, log everything to MLflow, register and gate. Known failures: TrainError."
+          tags: dict | None = None, features_source: str = "feast") -> TrainReport:
+    """Train, evaluate beside the baseline, log everything to MLflow, register and gate. Known failures: TrainError.
+    The training frame comes from Feast (`spam-mlops feast-apply` first), or from the lake with features_source="lake"."""
     import mlflow
     settings = settings or get_settings()
     lake = lake or Lake.from_settings(settings)
     c = DEFAULT_CONFIG | (config or {})
     if unknown := set(c) - set(DEFAULT_CONFIG) - {"features"}: raise TrainError(f"unknown config keys: {sorted(unknown)}")
+    if features_source not in FEATURES_SOURCES:
+        raise TrainError(f"features source {features_source!r}: use one of {', '.join(FEATURES_SOURCES)}")
     uri = settings.mlflow_tracking_uri
     check_tracking(uri)
     mlflow.set_tracking_uri(uri)
@@ -512,7 +599,7 @@ def train(settings: Settings | None = None, config: dict | None = None, sample_n
     _ensure_experiment(client, settings.experiment, uri)
     mlflow.set_experiment(settings.experiment)
     with mlflow.start_run(run_name=run_name or f"lstm-{time.strftime('%Y%m%dT%H%M%S')}", tags=tags) as run:
-        try: return _run_body(settings, lake, c, sample_n, workers, recall_floor, client)
+        try: return _run_body(settings, lake, c, sample_n, workers, recall_floor, client, features_source)
         except Exception as e:
             mlflow.set_tag("error", f"{type(e).__name__}: {str(e)[:400]}")
             client.set_terminated(run.info.run_id, "FAILED")

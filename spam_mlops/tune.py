@@ -217,7 +217,7 @@ class TuneReport:
 
 def _prepare(lake: Lake, sample_n: int | None, seed: int, fixed: dict):
     "Split and vectorise once: (data for the trials without the test split, the split frames)."
-    parts = tr.split_frame(tr.sample_frame(tr.training_frame(lake=lake), sample_n, seed))
+    parts = tr.split_frame(tr.sample_frame(tr.training_frame(lake=lake, source="lake"), sample_n, seed))
     data = tr.prepare_data(parts, fixed)
     return {k: v for k, v in data.items() if not k.endswith("_test")}, parts
 
@@ -362,7 +362,8 @@ def search(settings: Settings | None = None, space: dict | None = None, metric: 
         _close_stale_children(client, exp, parent, keep=set())
         if retrain:
             w = tr.train(settings, a["config"] | rep.best_config | {"epochs": int(a["epochs"]), "seed": int(a["seed"])},
-                      sample_n=a["sample_n"], workers=0, recall_floor=recall_floor, lake=lake)
+                      sample_n=a["sample_n"], workers=0, recall_floor=recall_floor, lake=lake,
+                      features_source="lake")
             client.set_tag(w.run_id, "mlflow.parentRunId", parent)
             client.set_tag(w.run_id, "tune.role", "winner")
             client.log_batch(parent, metrics=[mlflow.entities.Metric(f"winner_test_{k}", float(v), int(time.time() * 1000), 0)

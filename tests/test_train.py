@@ -1,15 +1,21 @@
-"""Training: split, model, the shared loop (in-process and on Ray Train with 2 workers), MLflow run, registry gate."""
+"""Training: the Feast training frame, split, model, the shared loop (in-process and on Ray Train with 2 workers),
+MLflow run (live per-epoch metrics, Keras/TensorFlow flavour, drift baseline), registry gate."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
+import mlflow.tensorflow
 import numpy as np
 import pandas as pd
 import pytest
 
 from spam_mlops.config import get_settings
 from spam_mlops.curate import clean_text, read_curated
+from spam_mlops.drift import BASELINE_ARTIFACT
+from spam_mlops.feature_store import apply
+from spam_mlops.features import FEATURES
 from spam_mlops.lake import Lake
 from spam_mlops.train import (
     DEFAULT_CONFIG,
@@ -18,6 +24,7 @@ from spam_mlops.train import (
     TrainError,
     build_model,
     class_weights,
+    epoch_logger,
     export_model,
     fit_model,
     load_keras_model,
@@ -33,6 +40,26 @@ from spam_mlops.train import (
 )
 
 TINY = {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 2, "batch_size": 32}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repo(tmp: Path) -> str:
+    "A private copy of feature_repo/ (its own registry and SQLite files), not yet applied."
+    shutil.copytree(ROOT / "feature_repo", tmp, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return str(tmp)
+
+
+@pytest.fixture(scope="module")
+def feast_repo(pipeline_lake, tmp_path_factory):
+    "A private feature repo with the Feast definitions applied over the pipeline lake (what `spam-mlops feast-apply` does)."
+    repo = _repo(tmp_path_factory.mktemp("feast") / "feature_repo")
+    apply(get_settings(lake=pipeline_lake.lake, feature_repo=repo, online_store="sqlite"))
+    return repo
+
+
+def _settings(pipeline_lake, feast_repo, **kw):
+    "Settings for the pipeline lake and the applied feature repo (read after `tracking` has set MLFLOW_TRACKING_URI)."
+    return get_settings(lake=pipeline_lake.lake, feature_repo=feast_repo, online_store="sqlite", **kw)
 
 
 def _frame(n=400, seed=0):
@@ -66,7 +93,7 @@ def test_split_is_a_pure_function_of_message_id():
 
 
 def test_split_frame_is_stratified_and_stable(pipeline_lake):
-    df = training_frame(pipeline_lake)
+    df = training_frame(pipeline_lake, source="lake")
     parts = split_frame(df)
     assert sum(len(p) for p in parts.values()) == len(df)
     for p in parts.values():  # same spam share in every split (within sampling noise)
@@ -78,9 +105,44 @@ def test_split_frame_is_stratified_and_stable(pipeline_lake):
 
 
 def test_training_frame_joins_features(pipeline_lake):
-    df = training_frame(pipeline_lake)
+    df = training_frame(pipeline_lake, source="lake")
     assert len(df) == len(read_curated(Lake.from_settings(pipeline_lake)))
     assert {"message_id", "label", "clean_text", "y", "text_length", "has_url"} <= set(df.columns)
+
+
+def test_feast_frame_equals_the_lake_join(pipeline_lake, feast_repo):
+    "Feast's historical retrieval gives the same rows, labels and feature values as the direct join, sorted by id."
+    s = _settings(pipeline_lake, feast_repo)
+    feast, lake = training_frame(s), training_frame(s, source="lake")
+    assert len(feast) == len(read_curated(Lake.from_settings(s))) and feast.message_id.is_unique
+    assert feast.message_id.is_monotonic_increasing
+    pd.testing.assert_frame_equal(feast, lake)  # same ids, labels, texts, feature values and dtypes, same order
+
+
+def test_feast_frame_needs_the_definitions_applied(pipeline_lake, tmp_path):
+    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="sqlite")
+    with pytest.raises(TrainError, match="not in the registry.*spam-mlops feast-apply"):
+        training_frame(s)
+
+
+def test_feast_frame_names_lost_messages(pipeline_lake, tmp_path):
+    "A features Parquet without some curated messages: Feast cannot fill them, training stops naming the count."
+    lake_dir = tmp_path / "lake"
+    shutil.copytree(pipeline_lake.lake, lake_dir)
+    s = get_settings(lake=str(lake_dir), feature_repo=_repo(tmp_path / "repo"), online_store="sqlite")
+    lk = Lake.from_settings(s)
+    feats = lk.read_parquet(FEATURES)
+    lk.write_parquet(FEATURES, feats.iloc[3:].reset_index(drop=True))
+    apply(s)
+    with pytest.raises(TrainError, match=rf"lost curated messages: 3 of {len(feats)} entity rows .*spam-mlops feast-apply"):
+        training_frame(s)
+    with pytest.raises(TrainError, match="3 curated messages have no features"):
+        training_frame(s, source="lake")
+
+
+def test_unknown_features_source(pipeline_lake):
+    with pytest.raises(TrainError, match="features source 'redis'"):
+        training_frame(pipeline_lake, source="redis")
 
 
 @pytest.mark.parametrize("df, msg", [(_frame().iloc[:0], "empty"), (_frame().query("y == 0"), "single class"),
@@ -91,8 +153,9 @@ def test_bad_training_sets(df, msg):
 
 
 def test_missing_curated_data(tmp_path):
-    with pytest.raises(TrainError, match="no curated data"):
-        training_frame(get_settings(lake=str(tmp_path / "empty")))
+    for source in ("feast", "lake"):
+        with pytest.raises(TrainError, match="no curated data"):
+            training_frame(get_settings(lake=str(tmp_path / "empty")), source=source)
 
 
 # --- model and loop ------------------------------------------------------------------------------------------------
@@ -125,16 +188,39 @@ def test_fit_model_reports_each_epoch_and_stops_early():
     assert ((p > 0.5) == parts["test"].y.values).mean() > 0.95
 
 
-def test_ray_train_with_two_workers():
+def test_epoch_logger_logs_each_epoch_as_it_ends(tracking):
+    "In-process training: after each epoch's report the MLflow run already holds that epoch (not after the run)."
+    parts = split_frame(_frame(400))
+    c = DEFAULT_CONFIG | TINY | {"epochs": 3, "patience": 10}
+    client = mlflow.MlflowClient(tracking)
+    run_id = client.create_run(client.create_experiment("live")).info.run_id
+    log, seen = epoch_logger(run_id, tracking), []
+
+    def report(m):
+        log(m)
+        seen.append([h.step for h in client.get_metric_history(run_id, "val_loss")])
+    _, hist = fit_model(c, prepare_data(parts, c), report=report)
+    assert seen == [[1], [1, 2], [1, 2, 3]]
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        h = client.get_metric_history(run_id, k)
+        assert [m.step for m in h] == [1, 2, 3] and [m.value for m in h] == pytest.approx([e[k] for e in hist])
+
+
+def test_ray_train_with_two_workers(tracking):
+    "Two workers; rank 0 alone logs each epoch to the MLflow run from inside Ray Train (the driver logs nothing)."
     import ray
     parts = split_frame(_frame(400))
     c = DEFAULT_CONFIG | TINY
     data = prepare_data(parts, c)
+    client = mlflow.MlflowClient(tracking)
+    run_id = client.create_run(client.create_experiment("ray")).info.run_id
     try:
-        net, hist = run_trainer(c, data, workers=2)
+        net, hist = run_trainer(c, data, workers=2, mlflow_run=(run_id, tracking))
     finally:
         ray.shutdown()
     assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.9
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, k)] == [(e["epoch"], pytest.approx(e[k])) for e in hist]
     p = predict_texts(export_model(data["vocabulary"], net, c["max_len"]), parts["test"].clean_text)
     assert ((p > 0.5) == parts["test"].y.values).mean() > 0.9
 
@@ -146,18 +232,21 @@ def test_clean_text_is_idempotent(pipeline_lake):
 
 # --- MLflow run, registry, gate ------------------------------------------------------------------------------------
 
-def test_train_logs_a_complete_run_and_gates(pipeline_lake, tracking):
-    s = get_settings(lake=pipeline_lake.lake)
-    first = train(s, TINY | {"epochs": 3}, sample_n=1200, workers=0, recall_floor=0.0)
+def test_train_logs_a_complete_run_and_gates(pipeline_lake, feast_repo, tracking):
+    s = _settings(pipeline_lake, feast_repo)
+    first = train(s, TINY | {"epochs": 3, "patience": 10}, sample_n=1200, workers=0, recall_floor=0.0)
     run = mlflow.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
     assert {"embedding_dim", "lstm_units", "dropout", "batch_size", "raw_sha256", "git_commit"} <= set(params)
+    assert params["features_source"] == "feast"
     assert params["raw_sha256"] == Lake.from_settings(s).read_json("raw/manifest.json")["source_sha256"]
     for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "mcc"):
         assert f"test_{k}" in metrics and f"baseline_test_{k}" in metrics
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(first.run_id, "val_loss")) == len(first.history)
+    assert len(first.history) == 3
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):  # one point per epoch, step = epoch
+        assert [m.step for m in client.get_metric_history(first.run_id, k)] == [1, 2, 3]
     arts = {a.path for a in client.list_artifacts(first.run_id, "plots")}
     assert arts == {"plots/confusion_matrix.html", "plots/roc_curve.html", "plots/pr_curve.html"}
     assert {a.path for a in client.list_artifacts(first.run_id, "tokenizer")} >= {"tokenizer/vocabulary.txt"}
@@ -170,9 +259,26 @@ def test_train_logs_a_complete_run_and_gates(pipeline_lake, tracking):
     assert len(list(Path(local).rglob("*.keras"))) == 1
     k = load_keras_model(f"models:/{s.model_name}@champion")
     assert k.input.dtype == "string" and k.output.shape == (None, 1)
-    p = mlflow.pyfunc.load_model(f"models:/{s.model_name}@champion").predict(
-        pd.DataFrame({"text": ["WINNER!! Claim your £900 prize, call 09061701461", "ok see you at home"]}))
+    texts = ["WINNER!! Claim your £900 prize, call 09061701461", "ok see you at home"]
+    p = mlflow.pyfunc.load_model(f"models:/{s.model_name}@champion").predict(pd.DataFrame({"text": texts}))
     assert p.shape == (2,) and 0 <= p.min() and p.max() <= 1
+
+    # the same network in MLflow's TensorFlow/Keras flavour, beside it in the run: signature, example, same predictions
+    flav_uri = run.data.tags["keras_model_uri"]
+    info = mlflow.models.get_model_info(flav_uri)
+    assert "tensorflow" in info.flavors and info.run_id == first.run_id and info.saved_input_example_info
+    assert info.signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "str", "shape": (-1, 1)}}]
+    assert mlflow.models.Model.load(flav_uri).load_input_example(mlflow.artifacts.download_artifacts(flav_uri)).shape == (3, 1)
+    flav = mlflow.tensorflow.load_model(flav_uri)
+    clean = clean_text(pd.Series(texts, dtype="string")).astype(str).tolist()
+    assert np.abs(predict_texts(flav, clean) - p).max() < 1e-5
+
+    # the drift baseline of this model is in its run
+    base = mlflow.artifacts.load_dict(f"runs:/{first.run_id}/{BASELINE_ARTIFACT}")
+    assert base["model"] == {"name": s.model_name, "version": first.version, "run_id": first.run_id}
+    assert base["rows"]["train"] == int(params["rows_train"]) and base["rows"]["reference"] == int(params["rows_val"])
+    assert set(base["features"]) >= {"text_length", "has_url"} and 0 <= base["prediction"]["spam_rate"] <= 1
+    assert run.data.tags["drift.baseline"] == BASELINE_ARTIFACT
 
     # a deliberately worse model gets challenger but not champion; both scores are on its run
     worse = train(s, TINY | {"epochs": 1, "lstm_units": 1, "embedding_dim": 1, "learning_rate": 1e-6},
@@ -187,14 +293,22 @@ def test_train_logs_a_complete_run_and_gates(pipeline_lake, tracking):
 
 def test_gate_rules(pipeline_lake, tracking):
     s = get_settings(lake=pipeline_lake.lake)
-    train(s, TINY, sample_n=600, workers=0, recall_floor=0.0)
+    train(s, TINY, sample_n=600, workers=0, recall_floor=0.0, features_source="lake")
     client = mlflow.MlflowClient()
     v = client.get_model_version_by_alias(s.model_name, "champion").version
-    test = split_frame(sample_frame(training_frame(s), 600))["test"]
+    test = split_frame(sample_frame(training_frame(s, source="lake"), 600))["test"]
     low_recall = promote(client, s.model_name, v, {"mcc": 1.0, "recall": 0.5}, test, recall_floor=0.9)
     assert low_recall["decision"] == "rejected: spam recall below floor"
     not_better = promote(client, s.model_name, v, {"mcc": -1.0, "recall": 1.0}, test)
     assert not_better["decision"] == "rejected: champion MCC not beaten"
+
+
+def test_train_without_feast_apply_fails_clearly(pipeline_lake, tmp_path, tracking):
+    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="sqlite")
+    with pytest.raises(TrainError, match="spam-mlops feast-apply"):
+        train(s, TINY, workers=0)
+    runs = mlflow.search_runs(experiment_names=[s.experiment])
+    assert runs.status.tolist() == ["FAILED"] and "feast-apply" in runs["tags.error"][0]
 
 
 def test_failed_run_is_marked_failed(tmp_path, tracking):
