@@ -132,7 +132,7 @@ def main():
     settings = get_settings(lake=str(tmp / "lake"), source=_source(), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     t = time.time()
     ingest(settings); curate(settings); features(settings)
-    report = train(settings, config={"epochs": a.epochs}, workers=0, recall_floor=0.0)
+    report = train(settings, config={"epochs": a.epochs}, workers=0, recall_floor=0.0, features_source="lake")
     print(f"model: {report} ({time.time() - t:.0f} s with the pipeline)")
     model = resolve_model(settings)
     t = time.time()
@@ -141,7 +141,7 @@ def main():
           f"{profile['rows']['reference']}, OOV rate {profile['text']['oov_rate']:.4f}, predicted spam rate "
           f"{profile['prediction']['spam_rate']:.4f}, text length quantiles {profile['text_length_quantiles']}")
     lake = Lake.from_settings(settings)
-    test_ids = set(split_frame(training_frame(lake=lake))["test"].message_id)
+    test_ids = set(split_frame(training_frame(lake=lake, source="lake"))["test"].message_id)
     cur = read_curated(lake)
     test_texts = cur[cur.message_id.isin(test_ids)].text.tolist()
     keras_model = load_keras_model(model["uri"])

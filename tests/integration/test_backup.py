@@ -26,7 +26,7 @@ def test_backup_drop_restore(pipeline_lake, mlflow_pg_server, s3_env, monkeypatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     s = get_settings(lake=pipeline_lake.lake)
     report = train(s, {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 1}, sample_n=600, workers=0,
-                   recall_floor=0.0)
+                   recall_floor=0.0, features_source="lake")  # the point is the backup, not Feast
     client = mlflow.MlflowClient(url, url)
     before = predict_texts(load_keras_model(f"models:/{s.model_name}@champion"), TEXTS)
     runs_before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(s.experiment).experiment_id])}

@@ -4,27 +4,33 @@ retraining whose run and version are in MLflow (through the promotion gate), and
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TINY = {"epochs": 1}  # a tiny LSTM: the point is the mechanism, not the model
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, corpus):
-    "A lake with the pipeline run and a first champion trained in-process, MLflow on SQLite in tmp."
+    "A lake with the pipeline run, the Feast definitions applied (private repo) and a first champion trained in-process, MLflow on SQLite in tmp."
     from spam_mlops.config import get_settings
     from spam_mlops.curate import curate
+    from spam_mlops.feature_store import apply
     from spam_mlops.features import features
     from spam_mlops.ingest import ingest
     from spam_mlops.train import train
     tmp = tmp_path_factory.mktemp("drift-retrain")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-    ingest(settings); curate(settings); features(settings)
+    shutil.copytree(ROOT / "feature_repo", tmp / "feature_repo", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+                            feature_repo=str(tmp / "feature_repo"), online_store="sqlite")
+    ingest(settings); curate(settings); features(settings); apply(settings)
     first = train(settings, config=TINY, sample_n=1500, workers=0, recall_floor=0.0)
     assert first.gate["decision"] == "promoted"
     return settings, first
@@ -51,11 +57,18 @@ def test_quiet_window_no_retraining_and_baseline_stored_with_model(registry):
     r = out.report
     assert r["status"] == "ok" and not r["decision"]["drift_detected"], [t for t in r["tests"] if t["drifted"]]
     assert r["retraining"]["action"] == "none" and r["baseline"]["model"]["version"] == first.version
-    assert r["baseline"]["computed_on_demand"] is True
-    # the profile now lives in the model's run: the next run fetches it instead of recomputing
+    assert r["baseline"]["computed_on_demand"] is False  # training logged it in the model's run
     stored = dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)
     assert stored["model"]["run_id"] == first.run_id and stored["rows"]["train"] > 1000 and len(stored["text"]["vocabulary"]) > 1000
     assert 0 < stored["text"]["oov_rate"] < 0.2 and set(stored["text_length_quantiles"]) == {"p01", "p05", "p25", "p50", "p75", "p95", "p99"}
+    # a model without one (trained before training logged it): computed on demand, the same profile, stored in its run
+    run = _client(settings).get_run(first.run_id)
+    Path(run.info.artifact_uri.removeprefix("file://"), dr.BASELINE_ARTIFACT).unlink()
+    assert dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri) is None
+    rebuilt = dr.load_baseline(settings)
+    assert rebuilt["computed_on_demand"] is True and rebuilt["model"] == stored["model"]  # (from the whole frame, not
+    assert rebuilt["text"]["vocabulary"] == stored["text"]["vocabulary"]                 # the training's sample)
+    assert dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)["model"]["run_id"] == first.run_id
     again = dr.drift(settings, cfg)
     assert again.report["baseline"]["computed_on_demand"] is False
     # the report: lake (JSON + HTML) and an MLflow run of the drift experiment

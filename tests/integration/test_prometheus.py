@@ -211,7 +211,7 @@ def traffic(api, prometheus, pushgateway):
         settings = api["settings"]
         lake = Lake.from_settings(settings)
         m = api["model"]
-        profile = dr.profile_from_parts(split_frame(training_frame(lake=lake)), dr.model_vocabulary(m), lambda x: predict_texts(m, x),
+        profile = dr.profile_from_parts(split_frame(training_frame(lake=lake, source="lake")), dr.model_vocabulary(m), lambda x: predict_texts(m, x),
                                         model={"name": "demo", "version": "demo.keras", "run_id": None})
         end = time.time() + 60
         while time.time() < end and len(dr.read_predictions(lake, hours=1)[0]) < 400: time.sleep(1)
