@@ -1,8 +1,11 @@
 """Full-size quality of the LSTM beside the char n-gram SVM baseline, on the fixed test split.
 
-Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/train_quality.py [--features] [--ray N] [key=value ...]
+Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/train_quality.py [--source feast|lake] [--features] [--ray N]
+       [key=value ...]
 Prints the machine, the split, each model's test metrics and training time. Trains in-process through the same
 `fit_model` loop that Ray Train and Ray Tune run (`--ray N` also trains through TensorflowTrainer with N workers).
+The training frame comes from Feast's historical retrieval as in `spam-mlops train` (run `spam-mlops feast-apply`
+on that lake first), or with `--source lake` from the lake's features Parquet directly (the same frame).
 """
 import argparse
 import os
@@ -42,6 +45,7 @@ def _value(v: str):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--source", choices=["feast", "lake"], default="feast", help="where the training frame's features come from")
     ap.add_argument("--features", action="store_true", help="also train the LSTM with the tabular features as a second input")
     ap.add_argument("--ray", type=int, default=0, help="also train through Ray Train with this many workers")
     ap.add_argument("--seeds", type=int, default=1, help="repeat the LSTM with this many seeds")
@@ -50,7 +54,9 @@ def main():
     cfg = DEFAULT_CONFIG | {k: _value(v) for k, v in (o.split("=", 1) for o in a.overrides)}
     print("machine:", machine())
     print("config:", cfg)
-    parts = split_frame(training_frame(get_settings()))
+    t = time.time()
+    parts = split_frame(training_frame(get_settings(), source=a.source))
+    print(f"training frame: {a.source}, {sum(len(p) for p in parts.values())} rows in {time.time() - t:.1f} s")
     test = parts["test"]
     print("split:", {k: f"{len(p)} rows, {int(p.y.sum())} spam" for k, p in parts.items()})
     rows = {}
