@@ -23,16 +23,18 @@ from urllib.parse import unquote, urlsplit
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pybreaker
+import tenacity
 
 from .config import Settings, SpamMlopsError, get_settings
 from .features import FEATURE_TYPES, FEATURES
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['ENTITY', 'FEATURE_VIEW', 'FEATURE_SERVICE', 'TTL', 'FeatureStoreError', 'FeatureSchemaError',
-           'OnlineStoreUnreachable', 'MissingFeaturesError', 'Definitions', 'source_path', 'definitions',
-           'redis_address', 'fs_yaml', 'repo_config', 'feature_store', 'check_schema', 'ApplyReport', 'apply',
-           'MaterializeReport', 'materialize', 'historical_features', 'online_features']
+__all__ = ['ENTITY', 'FEATURE_VIEW', 'FEATURE_SERVICE', 'TTL', 'REDIS_FAIL_MAX', 'REDIS_RESET_S', 'FeatureStoreError',
+           'FeatureSchemaError', 'OnlineStoreUnreachable', 'MissingFeaturesError', 'Definitions', 'source_path',
+           'definitions', 'redis_address', 'fs_yaml', 'repo_config', 'feature_store', 'check_schema', 'ApplyReport',
+           'apply', 'MaterializeReport', 'materialize', 'historical_features', 'online_features']
 
 # %% ../nbs/03_feature_store.ipynb #31ec1f94
 ENTITY = "message_id"
@@ -181,15 +183,48 @@ def check_schema(settings: Settings) -> pa.Schema:
     return schema
 
 # %% ../nbs/03_feature_store.ipynb #bd05ef5d
+REDIS_FAIL_MAX = 3  # calls in a row that found Redis unreachable: then the circuit opens
+REDIS_RESET_S = 30.0  # an open circuit fails calls at once for this long, then lets one call try
+_BREAKERS: dict[str, pybreaker.CircuitBreaker] = {}
+
+
+def _unreachable(e: BaseException) -> bool:
+    import redis
+    return isinstance(e, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+
+
+def _breaker(settings: Settings) -> pybreaker.CircuitBreaker:
+    "The circuit breaker of the configured Redis URL (one per URL in this process); only unreachability counts."
+    url = settings.redis_url
+    if url not in _BREAKERS:
+        _BREAKERS[url] = pybreaker.CircuitBreaker(fail_max=REDIS_FAIL_MAX, reset_timeout=REDIS_RESET_S, name=_redact(url),
+                                                  exclude=[lambda e: not _unreachable(e)], throw_new_error_on_trip=False)
+    return _BREAKERS[url]
+
+
 @contextlib.contextmanager
 def _online(settings: Settings):
-    "Turn a Redis connection failure into `OnlineStoreUnreachable` naming the URL."
+    """Calls to the Redis online store, inside its circuit breaker; a failure becomes `OnlineStoreUnreachable`
+    (or `FeatureStoreError`) naming the URL, at once while the circuit is open. A no-op wrapper for SQLite."""
     import redis
-    try: yield
+    url = _redact(settings.redis_url)
+    breaker = _breaker(settings) if settings.online_store == "redis" else None
+    try:
+        with breaker.calling() if breaker else contextlib.nullcontext(): yield
+    except pybreaker.CircuitBreakerError:
+        raise OnlineStoreUnreachable(f"Redis online store unreachable at {url}: circuit open after {breaker.fail_max} failed "
+                                     f"calls in a row, no call tried for up to {breaker.reset_timeout:.0f} s") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        raise OnlineStoreUnreachable(f"Redis online store unreachable at {_redact(settings.redis_url)}: {e}") from None
+        raise OnlineStoreUnreachable(f"Redis online store unreachable at {url}: {e}") from None
     except redis.exceptions.RedisError as e:
-        raise FeatureStoreError(f"Redis online store at {_redact(settings.redis_url)} failed: {e}") from None
+        raise FeatureStoreError(f"Redis online store at {url} failed: {e}") from None
+
+
+def _retry(fn):
+    "`fn()`, tried once more after 0.2 s if Redis refused or reset the connection (never on a timeout)."
+    import redis
+    return tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_fixed(0.2), reraise=True,
+                             retry=tenacity.retry_if_exception_type(redis.exceptions.ConnectionError))(fn)
 
 
 def _check_online(settings: Settings):
@@ -197,7 +232,7 @@ def _check_online(settings: Settings):
     if settings.online_store != "redis": return
     import redis
     with _online(settings):
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3, retry=None).ping()
+        _retry(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3, retry=None).ping)
 
 
 def _registry(store) -> str:
@@ -322,7 +357,7 @@ def online_features(settings: Settings | None, message_ids: list[str]) -> pd.Dat
     got = {k: [] for k in FEATURE_TYPES}
     if ids:
         with _online(settings):
-            got = feature_store(settings).get_online_features(
-                features=_service(settings), entity_rows=[{ENTITY: i} for i in ids]).to_dict()
+            got = _retry(lambda: feature_store(settings).get_online_features(
+                features=_service(settings), entity_rows=[{ENTITY: i} for i in ids]).to_dict())
     return pd.DataFrame({ENTITY: pd.array(ids, dtype=object),
                          **{k: pd.array(got[k], dtype=_NULLABLE[v]) for k, v in FEATURE_TYPES.items()}})

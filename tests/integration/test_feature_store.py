@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import redis
 
 from spam_mlops.config import get_settings
 from spam_mlops.feature_store import (
+    _BREAKERS,
     FEATURE_VIEW,
+    REDIS_FAIL_MAX,
     FeatureSchemaError,
     FeatureStoreError,
     MissingFeaturesError,
@@ -147,11 +150,15 @@ def test_unreachable_redis_fails_fast_naming_the_url(pipeline_lake, tmp_path):
     closed = f"redis://127.0.0.1:{_free_port()}/0"  # nobody listens there
     s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis", redis_url=closed)
     apply(s)  # registering definitions needs no Redis
+    t = time.perf_counter()
     with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {closed}"):
         materialize(s)
+    t_mat, t = time.perf_counter() - t, time.perf_counter()
     with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {closed}"):
         online_features(s, ["abc"])
+    print(f"\ndead Redis port: materialize failed in {t_mat:.2f} s, online read in {time.perf_counter() - t:.2f} s")
     feature_store.cache_clear()
+    _BREAKERS.clear()
 
 
 @pytest.mark.timeout(60)
@@ -165,12 +172,62 @@ def test_silent_redis_times_out_naming_the_url(pipeline_lake, tmp_path):
     s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis", redis_url=url)
     try:
         apply(s)
+        t = time.perf_counter()
         with pytest.raises(OnlineStoreUnreachable, match=r"unreachable at redis://:\*\*\*@127.0.0.1") as e:
             online_features(s, ["abc"])
+        t_read, t = time.perf_counter() - t, time.perf_counter()
         assert "secret" not in str(e.value)
+        with pytest.raises(OnlineStoreUnreachable, match=r"unreachable at redis://:\*\*\*@127.0.0.1.*(?i:timeout|timed out)"):
+            materialize(s)
+        print(f"\nsilent Redis: online read failed in {t_read:.2f} s, materialize in {time.perf_counter() - t:.2f} s "
+              "(socket_timeout 3 s, no retry on a timeout)")
     finally:
         server.close()
         feature_store.cache_clear()
+        _BREAKERS.clear()
+
+
+@pytest.mark.timeout(60)
+def test_circuit_opens_on_unreachable_redis_and_tries_again_later(pipeline_lake, tmp_path):
+    """A server that accepts and at once closes every connection: each call is retried once, then fails naming
+    the URL; after REDIS_FAIL_MAX failed calls the circuit is open and a call fails without connecting; after
+    the reset time one call tries again."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def slam():
+        while True:
+            try: conn, _ = server.accept()
+            except OSError: return  # closed by the test
+            accepted.append(1)
+            conn.close()
+    threading.Thread(target=slam, daemon=True).start()
+    url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis", redis_url=url)
+    try:
+        apply(s)
+        for i in range(REDIS_FAIL_MAX):
+            with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {url}: (?!circuit)"):
+                online_features(s, ["abc"])
+            assert len(accepted) == 2 * (i + 1)  # one retry after a refused/reset connection
+        t = time.perf_counter()
+        with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {url}: circuit open after {REDIS_FAIL_MAX}"):
+            online_features(s, ["abc"])
+        with pytest.raises(OnlineStoreUnreachable, match="circuit open"):
+            materialize(s)
+        print(f"\ncircuit open: online read and materialize refused in {time.perf_counter() - t:.3f} s without connecting")
+        assert len(accepted) == 2 * REDIS_FAIL_MAX  # no connection while open
+        _BREAKERS[url].reset_timeout = 0.5
+        time.sleep(0.6)
+        with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {url}: (?!circuit)"):
+            online_features(s, ["abc"])  # half-open: one call tries, fails, the circuit opens again
+        assert len(accepted) > 2 * REDIS_FAIL_MAX and _BREAKERS[url].current_state == "open"
+    finally:
+        server.close()
+        feature_store.cache_clear()
+        _BREAKERS.clear()
 
 
 def test_missing_or_mistyped_column_is_named(pipeline_lake, tmp_path, offline):
