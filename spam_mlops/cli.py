@@ -119,10 +119,13 @@ def serve(port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
           host: Annotated[str, typer.Option(help="Bind address")] = "0.0.0.0",  # nosec B104: a server's job; the Service/NetworkPolicy limit who reaches it
           replicas: Annotated[int, typer.Option(help="Ray Serve replicas")] = 1,
           model_uri: Annotated[str | None, typer.Option(help="Override SPAM_MLOPS_MODEL_URI: models:/name@alias or a .keras path")] = None,
-          metrics_port: Annotated[int, typer.Option(help="Ray's Prometheus metrics port")] = 8080):
-    "Serve the prediction API (Ray Serve, HAProxy ingress) until Ctrl-C or SIGTERM."
+          metrics_port: Annotated[int, typer.Option(help="Ray's Prometheus metrics port")] = 8080,
+          tls_cert: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS only (SPAM_MLOPS_TLS_CERT)")] = None,
+          tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert (SPAM_MLOPS_TLS_KEY)")] = None):
+    "Serve the prediction API (Ray Serve, HAProxy ingress; Ray's Python proxy with TLS) until Ctrl-C or SIGTERM."
     from spam_mlops.serve import run_server
-    run_server(get_settings(), port=port, host=host, replicas=replicas, model_uri=model_uri, metrics_port=metrics_port)
+    run_server(get_settings(), port=port, host=host, replicas=replicas, model_uri=model_uri, metrics_port=metrics_port,
+               tls_cert=tls_cert, tls_key=tls_key)
 
 # %% ../nbs/10_cli.ipynb #872b55b1
 @command()

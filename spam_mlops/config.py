@@ -52,6 +52,17 @@ class Settings(BaseSettings):
     aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False)
     aws_region: str = Field("us-east-1", validation_alias="AWS_DEFAULT_REGION")
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
+    # the serving API (spam_mlops.serve)
+    model_uri: str | None = None  # model served (default models:/<model_name>@champion)
+    api_keys: str = Field("", repr=False)  # comma-separated `key` or `name:key` entries; empty: no auth
+    log_text: bool = True  # keep raw text in the prediction log
+    threshold: float = Field(0.5, gt=0, lt=1)  # spam when probability >= threshold
+    model_poll_s: float = Field(30.0, ge=0)  # alias poll interval; 0 disables refresh
+    model_cache: str = "~/.cache/spam_mlops"  # local copies of fetched models
+    audit_log: str | None = None  # audit log file; None: logger spam_mlops.audit (stderr)
+    audit_text: bool = False  # message text in audit lines
+    tls_cert: str | None = None  # PEM certificate: serve HTTPS
+    tls_key: str | None = Field(None, validate_default=True)  # its PEM private key
 
     @field_validator("lake")
     @classmethod
@@ -74,6 +85,20 @@ class Settings(BaseSettings):
     @classmethod
     def _check_endpoint(cls, v: str | None) -> str | None:
         if v and not v.startswith(("http://", "https://")): raise ValueError(f"{v!r}: must start with http:// or https://")
+        return v or None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: str) -> str:
+        for entry in (e.strip() for e in v.split(",")):
+            if entry and not entry.rpartition(":")[2]: raise ValueError("an entry `name:` has no key after the colon")
+        return v
+
+    @field_validator("tls_key")
+    @classmethod
+    def _check_tls(cls, v: str | None, info) -> str | None:
+        if bool(v) != bool(info.data.get("tls_cert")):
+            raise ValueError("set both SPAM_MLOPS_TLS_CERT and SPAM_MLOPS_TLS_KEY, or neither")
         return v or None
 
     @property

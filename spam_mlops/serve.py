@@ -14,8 +14,13 @@ import hmac
 import json
 import logging
 import os
+import queue
+import re
+import shutil
 import signal
 import socket
+import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -25,10 +30,14 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
+import pybreaker
+import tenacity
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.requests import Request  # module level: FastAPI resolves route annotations in the module
 
 from .config import Settings, SpamMlopsError, get_settings
 from .curate import clean_text
@@ -37,12 +46,14 @@ from .ingest import message_id
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['log', 'MAX_TEXT_CHARS', 'MAX_BATCH_TEXTS', 'API_KEY_HEADER', 'PREDICTIONS', 'MAX_BATCH_SIZE', 'WARM_SIZES', 'ROUTES',
-           'LATENCY_BUCKETS', 'BATCH_BUCKETS', 'LOG_COLUMNS', 'Text', 'ServeError', 'ServeConfig', 'compile_model',
-           'Predictor', 'load_predictor', 'build_demo_model', 'model_version', 'fetch_model', 'predict_batch',
-           'Metrics', 'prediction_table', 'PredictionLog', 'Service', 'PredictRequest', 'BatchRequest', 'Prediction',
-           'BatchResponse', 'ErrorResponse', 'build_app', 'deployment', 'app_builder', 'free_port', 'fast_ingress_env',
-           'start_server', 'stop_server', 'run_server']
+__all__ = ['log', 'MAX_TEXT_CHARS', 'MAX_BATCH_TEXTS', 'API_KEY_HEADER', 'REQUEST_ID_HEADER', 'AUDIT_LOGGER', 'PREDICTIONS',
+           'MAX_BATCH_SIZE', 'WARM_SIZES', 'MLFLOW_HTTP_BOUNDS', 'ROUTES', 'LATENCY_BUCKETS', 'BATCH_BUCKETS',
+           'LOG_COLUMNS', 'Text', 'ServeError', 'DependencyDown', 'ServeConfig', 'key_fingerprint', 'key_ids',
+           'safe_uri', 'compile_model', 'Predictor', 'load_predictor', 'build_demo_model', 'model_version',
+           'download_model', 'fetch_model', 'ModelCache', 'predict_batch', 'Metrics', 'bound_mlflow_calls',
+           'Dependency', 'prediction_table', 'PredictionLog', 'AuditLog', 'Service', 'PredictRequest', 'BatchRequest',
+           'Prediction', 'BatchResponse', 'ErrorResponse', 'build_app', 'deployment', 'app_builder', 'free_port',
+           'fast_ingress_env', 'check_tls', 'start_server', 'stop_server', 'run_server']
 
 # %% ../nbs/06_serve.ipynb #334a506a
 log = logging.getLogger(__name__)
@@ -50,37 +61,31 @@ log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 5_000  # longest accepted message
 MAX_BATCH_TEXTS = 1_000  # most texts in one /api/predict/batch call
 API_KEY_HEADER = "X-API-Key"
+REQUEST_ID_HEADER = "X-Request-ID"  # honoured when the client sends one, always returned
+AUDIT_LOGGER = "spam_mlops.audit"  # where audit lines go when no audit file is set
 PREDICTIONS = "predictions"  # lake prefix of the prediction log
 MAX_BATCH_SIZE = 64  # @serve.batch size; also the largest warmed shape
 WARM_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# MLflow's own HTTP defaults (120 s timeout, 7 retries with backoff) make a dead server cost minutes; our
+# `Dependency` retries around each call instead
+MLFLOW_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
 class ServeError(SpamMlopsError):
     "The API cannot start or load its model; the message says why."
 
+
+class DependencyDown(ServeError):
+    "A dependency (the model registry, the object store) is unreachable, or its circuit breaker is open."
+
 # %% ../nbs/06_serve.ipynb #65842a12
-def _env_bool(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    if v is None or not v.strip(): return default
-    if v.strip().lower() in ("1", "true", "yes", "on"): return True
-    if v.strip().lower() in ("0", "false", "no", "off"): return False
-    raise ServeError(f"invalid configuration: {name}={v!r}: use true or false")
-
-
-def _env_float(name: str, default: float) -> float:
-    v = os.environ.get(name)
-    if v is None or not v.strip(): return default
-    try: return float(v)
-    except ValueError: raise ServeError(f"invalid configuration: {name}={v!r}: not a number") from None
-
-
 @dataclass(frozen=True)
 class ServeConfig:
     "What a replica needs to know; plain values, so it travels to Ray replicas as is."
     model_uri: str  # models:/name@alias, or a local .keras file or folder
     tracking_uri: str  # MLFLOW_TRACKING_URI
     lake: str | None  # lake root for the prediction log; None disables the log
-    api_keys: tuple[str, ...] = ()  # empty: no auth
+    api_keys: tuple[str, ...] = ()  # `key` or `name:key` entries; empty: no auth
     log_text: bool = True  # keep raw text in the prediction log
     threshold: float = 0.5  # spam when probability >= threshold
     poll_s: float = 30.0  # alias poll interval; 0 disables refresh
@@ -88,17 +93,21 @@ class ServeConfig:
     log_max_rows: int = 100_000  # bound of the in-memory prediction log buffer
     max_batch_size: int = MAX_BATCH_SIZE  # @serve.batch size
     batch_wait_s: float = 0.004  # @serve.batch wait for a fuller batch
+    model_cache: str | None = None  # folder of local model copies; None: no cache
+    audit_log: str | None = None  # audit file; None: the spam_mlops.audit logger (stderr)
+    audit_text: bool = False  # message text in audit lines
+    retry_attempts: int = 3  # tries of one dependency call, with exponential backoff between
+    breaker_fail_max: int = 3  # failed calls in a row that open a dependency's circuit
+    breaker_reset_s: float = 15.0  # an open circuit fails fast this long, then lets one call try
 
     @classmethod
     def from_env(cls, settings: Settings | None = None, **overrides) -> ServeConfig:
-        "Config from the environment and settings, paths made absolute (replicas may run elsewhere)."
+        "Config from the settings (environment), paths made absolute (replicas may run elsewhere)."
         s = settings or get_settings()
-        keys = tuple(k.strip() for k in os.environ.get("SPAM_MLOPS_API_KEYS", "").split(",") if k.strip())
-        cfg = cls(model_uri=os.environ.get("SPAM_MLOPS_MODEL_URI") or f"models:/{s.model_name}@champion",
-                  tracking_uri=s.mlflow_tracking_uri, lake=s.lake, api_keys=keys,
-                  log_text=_env_bool("SPAM_MLOPS_LOG_TEXT", True),
-                  threshold=_env_float("SPAM_MLOPS_THRESHOLD", 0.5),
-                  poll_s=_env_float("SPAM_MLOPS_MODEL_POLL_S", 30.0))
+        cfg = cls(model_uri=s.model_uri or f"models:/{s.model_name}@champion", tracking_uri=s.mlflow_tracking_uri,
+                  lake=s.lake, api_keys=tuple(k.strip() for k in s.api_keys.split(",") if k.strip()),
+                  log_text=s.log_text, threshold=s.threshold, poll_s=s.model_poll_s, model_cache=s.model_cache,
+                  audit_log=s.audit_log, audit_text=s.audit_text)
         cfg = replace(cfg, **overrides)
         if isinstance(cfg.api_keys, str): cfg = replace(cfg, api_keys=tuple(k for k in cfg.api_keys.split(",") if k))
         return cfg._absolute()
@@ -109,8 +118,32 @@ class ServeConfig:
         if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
             tracking = "sqlite:///" + str(Path(tracking[10:]).resolve())
         if lake and "://" not in lake: lake = str(Path(lake).expanduser().resolve())
+        paths = {k: str(Path(v).expanduser().resolve()) for k in ("model_cache", "audit_log") if (v := getattr(self, k))}
         if not 0 < self.threshold < 1: raise ServeError(f"invalid configuration: SPAM_MLOPS_THRESHOLD={self.threshold}: must be in (0, 1)")
-        return replace(self, model_uri=uri, tracking_uri=tracking, lake=lake)
+        return replace(self, model_uri=uri, tracking_uri=tracking, lake=lake, **paths)
+
+
+def key_fingerprint(key: bytes) -> str:
+    "A short, non-reversible id of an API key: the first 12 hex digits of its sha256."
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def key_ids(entries: tuple[str, ...]) -> dict[bytes, str]:
+    "Each API key (bytes) and its id in the audit log: the name of a `name:key` entry, else its fingerprint."
+    out = {}
+    for e in entries:
+        name, sep, key = e.partition(":")
+        if not sep: name, key = "", e
+        out[key.encode()] = name or key_fingerprint(key.encode())
+    return out
+
+
+def safe_uri(uri: str | None) -> str:
+    "`uri` without a password, fit for messages and logs."
+    if not uri or "@" not in uri or "://" not in uri: return uri or "default"
+    p = urlsplit(uri)
+    if not p.password: return uri
+    return urlunsplit(p._replace(netloc=f"{p.username}:***@{p.hostname}" + (f":{p.port}" if p.port else "")))
 
 # %% ../nbs/06_serve.ipynb #405399f7
 def compile_model(model) -> Callable:
@@ -183,28 +216,103 @@ def _split_alias(uri: str) -> tuple[str, str]:
     return name, alias
 
 
+# MLflow error codes that are answers (the model, alias or permission is not there), not outages
+_REGISTRY_ANSWERS = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                     "BAD_REQUEST", "NOT_FOUND"}
+
+
+def _registry_error(e: Exception, answer: str, op: str, tracking_uri: str | None) -> ServeError:
+    "A registry failure as `ServeError` (an answer: no such model) or `DependencyDown` (unreachable, retry later)."
+    from mlflow.exceptions import MlflowException
+    msg = e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}"
+    password = urlsplit(tracking_uri).password if tracking_uri and "://" in tracking_uri else None
+    if password: msg = msg.replace(f":{password}@", ":***@")
+    if isinstance(e, MlflowException) and e.error_code in _REGISTRY_ANSWERS:
+        return ServeError(f"{answer} (tracking {safe_uri(tracking_uri)}): {msg}")
+    return DependencyDown(f"model registry unreachable at {safe_uri(tracking_uri)} ({op}): {msg[:300]}")
+
+
 def model_version(uri: str, tracking_uri: str | None = None) -> str:
     "The version `uri` points at now: the registered version behind an alias, or the local file name."
     if not uri.startswith("models:/"):
         return _keras_file(uri).name
     import mlflow
-    from mlflow.exceptions import MlflowException
     name, alias = _split_alias(uri)
     try: return str(mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version)
-    except MlflowException as e:
-        raise ServeError(f"no model at {uri} (tracking {tracking_uri or 'default'}): {e.message}") from None
+    except Exception as e: raise _registry_error(e, f"no model at {uri}", f"looking up {uri}", tracking_uri) from None
+
+
+def download_model(uri: str, version: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    "Download registered `version` of `uri`'s model into `dst` (default: a new temporary folder); its `.keras` file."
+    import mlflow
+    name, _ = _split_alias(uri)
+    if tracking_uri: mlflow.set_tracking_uri(tracking_uri)
+    dst = str(dst or tempfile.mkdtemp(prefix="spam-model-"))
+    try: path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst)
+    except Exception as e:
+        raise _registry_error(e, f"cannot download models:/{name}/{version}", f"downloading models:/{name}/{version}",
+                              tracking_uri) from None
+    return _keras_file(path)
 
 
 def fetch_model(uri: str, tracking_uri: str | None = None) -> tuple[str, Path]:
     "(version, local .keras path) of the model `uri` points at."
     version = model_version(uri, tracking_uri)
     if not uri.startswith("models:/"): return version, _keras_file(uri)
-    import mlflow
-    name, _ = _split_alias(uri)
-    if tracking_uri: mlflow.set_tracking_uri(tracking_uri)
-    try: path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tempfile.mkdtemp(prefix="spam-model-"))
-    except Exception as e: raise ServeError(f"cannot download models:/{name}/{version}: {e}") from None
-    return version, _keras_file(path)
+    return version, download_model(uri, version, tracking_uri)
+
+# %% ../nbs/06_serve.ipynb #f5019dc7
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelCache:
+    "The last model fetched from the registry, per (tracking URI, model URI), kept on local disk with its version."
+
+    def __init__(self, root: str | Path): self.root = Path(root).expanduser()
+
+    def _dir(self, uri: str, tracking_uri: str | None) -> Path:
+        return self.root / hashlib.sha256(f"{tracking_uri}|{uri}".encode()).hexdigest()[:16]
+
+    def get(self, uri: str, tracking_uri: str | None) -> tuple[str, Path] | None:
+        "(version, .keras path) of the cached copy; None when there is none or it is damaged."
+        d = self._dir(uri, tracking_uri)
+        try:
+            meta = json.loads((d / "current.json").read_text())
+            path = d / meta["file"]
+            if _sha256(path) != meta["sha256"]:
+                log.warning("model cache %s: checksum mismatch, ignored", path)
+                return None
+            return str(meta["version"]), path
+        except FileNotFoundError: return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("model cache %s unreadable, ignored: %s", d, e)
+            return None
+
+    def put(self, uri: str, tracking_uri: str | None, version: str, src: Path) -> Path | None:
+        "Keep a copy of `src` as the cached `version`; its path, or None when the cache cannot be written (logged)."
+        d = self._dir(uri, tracking_uri)
+        name = "v" + re.sub(r"[^A-Za-z0-9._-]", "_", str(version)) + ".keras"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, suffix=".part")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, d / name)
+            meta = {"version": str(version), "model_uri": uri, "file": name, "sha256": _sha256(d / name),
+                    "cached_at": datetime.now(UTC).isoformat()}
+            fd, tmp = tempfile.mkstemp(dir=d, suffix=".part")
+            with os.fdopen(fd, "w") as f: json.dump(meta, f)
+            os.replace(tmp, d / "current.json")
+            for old in d.glob("v*.keras"):
+                if old.name != name: old.unlink(missing_ok=True)
+            return d / name
+        except OSError as e:
+            log.warning("cannot cache model version %s in %s: %s", version, d, e)
+            return None
 
 # %% ../nbs/06_serve.ipynb #22113ef2
 def predict_batch(texts: list[str], predictor: Predictor, threshold: float = 0.5) -> tuple[np.ndarray, list[str]]:
@@ -238,6 +346,10 @@ class Metrics:
         self._preds = Counter("spam_api_predictions", description="Predictions by label", tag_keys=("label", "model_version"))
         self._info = Gauge("spam_api_model_info", description="Model version served (1) or replaced (0)", tag_keys=("version",))
         self._log = Counter("spam_api_prediction_log_rows", description="Prediction log rows written or dropped", tag_keys=("outcome",))
+        self._dep = Counter("spam_api_dependency_failures", description="Failed calls to a dependency, after their retries",
+                            tag_keys=("dependency",))
+        self._circuit = Gauge("spam_api_circuit_open", description="Circuit breaker of a dependency: 1 open or half-open, 0 closed",
+                              tag_keys=("dependency",))
 
     def _tags(self, m, tags: dict):
         return m.labels(**tags) if self.backend != "ray" else m
@@ -276,6 +388,72 @@ class Metrics:
         "Count prediction-log rows `written` or `dropped`."
         if n: self._inc(self._log, n, outcome=outcome)
 
+    def dependency_failure(self, dependency: str):
+        "Count one failed call to `dependency` (`registry`, `lake`)."
+        self._inc(self._dep, 1, dependency=dependency)
+
+    def circuit(self, dependency: str, state: str):
+        "Record the state of `dependency`'s circuit breaker (`closed`, `open`, `half-open`)."
+        v = 0.0 if state == "closed" else 1.0
+        if self.backend == "ray": self._circuit.set(v, tags={"dependency": dependency})
+        else: self._circuit.labels(dependency=dependency).set(v)
+
+# %% ../nbs/06_serve.ipynb #7588aad9
+def bound_mlflow_calls():
+    "Bound MLflow's HTTP calls (unless the variables are set): 10 s per request, no retries of its own."
+    for k, v in MLFLOW_HTTP_BOUNDS.items(): os.environ.setdefault(k, v)
+
+
+class Dependency:
+    "Calls to one outside service: `attempts` tries with exponential backoff (tenacity) inside a circuit breaker (pybreaker)."
+
+    def __init__(self, name: str, attempts: int = 3, backoff_s: float = 0.5, fail_max: int = 3, reset_s: float = 15.0,
+                 transient: Callable[[BaseException], bool] = lambda e: True, metrics: Metrics | None = None):
+        self.name, self.attempts, self.backoff_s, self.transient, self.metrics = name, attempts, backoff_s, transient, metrics
+        self.failures, self.last_error = 0, None
+        self.breaker = pybreaker.CircuitBreaker(fail_max=fail_max, reset_timeout=reset_s, name=name,
+                                                exclude=[lambda e: not transient(e)], listeners=[_BreakerEvents(self)],
+                                                throw_new_error_on_trip=False)
+
+    @property
+    def state(self) -> str:
+        "`closed`, `open` or `half-open`."
+        return self.breaker.current_state
+
+    def _retrying(self) -> tenacity.Retrying:
+        def before_sleep(rs):
+            log.warning("%s call failed (try %d of %d), retrying in %.1f s: %s", self.name, rs.attempt_number, self.attempts,
+                        rs.next_action.sleep, rs.outcome.exception())
+        return tenacity.Retrying(stop=tenacity.stop_after_attempt(self.attempts), reraise=True,
+                                 wait=tenacity.wait_exponential(multiplier=self.backoff_s, max=10),
+                                 retry=tenacity.retry_if_exception(self.transient), before_sleep=before_sleep)
+
+    def call(self, fn: Callable, *args, **kwargs):
+        "`fn(*args, **kwargs)`, retried on transient errors; `DependencyDown` at once while the circuit is open."
+        try: return self.breaker.call(self._retrying(), fn, *args, **kwargs)
+        except pybreaker.CircuitBreakerError:
+            raise DependencyDown(f"{self.name} circuit breaker open after {self.breaker.fail_max} failed calls in a row, "
+                                 f"next try within {self.breaker.reset_timeout:.0f} s (last error: {self.last_error})") from None
+
+
+class _BreakerEvents(pybreaker.CircuitBreakerListener):
+    "Log each state change of a dependency's circuit breaker; count failures in the metrics."
+
+    def __init__(self, dep: Dependency): self.dep = dep
+
+    def state_change(self, cb, old_state, new_state):
+        new = new_state.name
+        if new == pybreaker.STATE_OPEN:
+            log.warning("circuit breaker %s open after %d failed calls in a row: calls fail fast for %.0f s (last error: %s)",
+                        self.dep.name, cb.fail_max, cb.reset_timeout, self.dep.last_error)
+        else: log.warning("circuit breaker %s %s", self.dep.name, new)
+        if self.dep.metrics: self.dep.metrics.circuit(self.dep.name, new)
+
+    def failure(self, cb, exc):
+        self.dep.failures += 1
+        self.dep.last_error = f"{exc}"[:500]
+        if self.dep.metrics: self.dep.metrics.dependency_failure(self.dep.name)
+
 # %% ../nbs/06_serve.ipynb #2bc05f3e
 LOG_COLUMNS = ["timestamp", "request_id", "message_id", "text", "text_sha256", *compute_features(pd.Series(["x"])).columns,
                "spam_probability", "prediction", "model_version"]
@@ -299,8 +477,9 @@ class PredictionLog:
     "Buffer prediction rows in memory; a background thread appends them to the lake's `predictions/`."
 
     def __init__(self, lake: Lake | None, log_text: bool = True, flush_s: float = 5.0, max_rows: int = 100_000,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, breaker: Dependency | None = None):
         self.lake, self.log_text, self.flush_s, self.max_rows, self.metrics = lake, log_text, flush_s, max_rows, metrics
+        self.breaker = breaker  # lake writes go through it: a dead object store fails fast while its circuit is open
         self._rows: list[tuple] = []
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -320,21 +499,30 @@ class PredictionLog:
             log.warning("prediction log full (%d rows pending): dropped %d rows", self.max_rows, lost)
 
     def flush(self) -> int:
-        "Write the pending rows as one Parquet file per UTC day; return the rows written."
+        "Write the pending rows as one Parquet file per UTC day; return the rows written. Rows not written are kept."
         with self._lock: rows, self._rows = self._rows, []
         if not rows or self.lake is None: return 0
+        written, failed, error = 0, [], None
         try:
             table = prediction_table(rows, self.log_text)
             for day, part in table.groupby(table.timestamp.dt.strftime("%Y-%m-%d"), sort=True):
-                stamp = part.timestamp.max().strftime("%H%M%S")
-                self.files.append(self.lake.write_parquet(f"{PREDICTIONS}/dt={day}/{stamp}-{uuid.uuid4().hex}.parquet", part))
-        except Exception as e:  # keep the rows for the next try, within the bound
-            log.error("prediction log write failed (%s); %d rows kept for retry", e, len(rows))
-            self.append(rows)
-            return 0
-        self.written += len(rows)
-        if self.metrics: self.metrics.log_rows("written", len(rows))
-        return len(rows)
+                key = f"{PREDICTIONS}/dt={day}/{part.timestamp.max():%H%M%S}-{uuid.uuid4().hex}.parquet"
+                try:
+                    self.files.append(self._write(key, part))
+                    written += len(part)
+                except Exception as e:  # keep this day's rows for the next try, within the bound
+                    failed, error = failed + [rows[i] for i in part.index], e
+        except Exception as e: failed, error = rows, e
+        if failed:
+            log.error("prediction log write failed (%s); %d rows kept for retry", error, len(failed))
+            self.append(failed)
+        if written:
+            self.written += written
+            if self.metrics: self.metrics.log_rows("written", written)
+        return written
+
+    def _write(self, key: str, part: pd.DataFrame) -> str:
+        return self.breaker.call(self.lake.write_parquet, key, part) if self.breaker else self.lake.write_parquet(key, part)
 
     def _loop(self):
         while not self._stop.wait(self.flush_s): self.flush()
@@ -352,15 +540,113 @@ class PredictionLog:
         if self._thread: self._thread.join(timeout=30)
         self.flush()
 
+# %% ../nbs/06_serve.ipynb #029173d4
+def _audit_logger() -> logging.Logger:
+    "The `spam_mlops.audit` logger; when nothing configured it, it writes bare lines to stderr."
+    lg = logging.getLogger(AUDIT_LOGGER)
+    if not lg.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return lg
+
+
+class AuditLog:
+    "One JSON line per HTTP request, written by a background thread to the file `path`, else to the `spam_mlops.audit` logger."
+
+    def __init__(self, path: str | None = None, include_text: bool = False, key_names: dict[str, str] | None = None,
+                 flush_s: float = 0.2):
+        self.path, self.include_text, self.flush_s = path, include_text, flush_s
+        self.key_names = key_names or {}  # fingerprint of a configured key -> its id (name or fingerprint)
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._file = None
+        self.lines, self.lost = 0, 0
+
+    def record(self, start: float, request_id: str, method: str, route: str, status: int, latency_s: float,
+               model_version: str | None, key: bytes | None, text=None):
+        "Queue one request's line: the request path pays for a tuple, the writer builds the JSON."
+        self._q.put((start, request_id, method, route, status, latency_s, model_version, key, text))
+
+    def key_id(self, key: bytes | None) -> str | None:
+        "The id of a presented API key: a configured key's name, else its fingerprint; None without a key."
+        if not key: return None
+        fp = key_fingerprint(key)
+        return self.key_names.get(fp, fp)
+
+    def line(self, item: tuple) -> str:
+        "The JSON line of one queued request."
+        start, rid, method, route, status, latency_s, version, key, text = item
+        rec = {"time": datetime.fromtimestamp(start, UTC).isoformat(timespec="milliseconds"), "request_id": rid,
+               "method": method, "route": route, "status": status, "latency_ms": round(latency_s * 1000, 3),
+               "model_version": version, "key_id": self.key_id(key)}
+        if self.include_text and text is not None: rec["text"] = text
+        return json.dumps(rec, ensure_ascii=False)
+
+    def flush(self) -> int:
+        "Write every queued line now; the number written."
+        with self._lock:
+            lines = []
+            while True:
+                try: lines.append(self.line(self._q.get_nowait()))
+                except queue.Empty: break
+            if not lines: return 0
+            try:
+                if self.path:
+                    if self._file is None:
+                        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                        self._file = open(self.path, "a", encoding="utf-8")
+                    self._file.write("".join(ln + "\n" for ln in lines))
+                    self._file.flush()
+                else:
+                    lg = _audit_logger()
+                    for ln in lines: lg.info(ln)
+            except OSError as e:
+                self.lost += len(lines)
+                log.error("audit log %s not written, %d lines lost: %s", self.path or AUDIT_LOGGER, len(lines), e)
+                return 0
+            self.lines += len(lines)
+            return len(lines)
+
+    def _loop(self):
+        while not self._stop.wait(self.flush_s): self.flush()
+
+    def start(self) -> AuditLog:
+        "Start the background writer."
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="audit-log", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self):
+        "Stop the writer and write what is left."
+        self._stop.set()
+        if self._thread: self._thread.join(timeout=10)
+        self.flush()
+        if self._file: self._file.close(); self._file = None
+
 # %% ../nbs/06_serve.ipynb #7ef51825
 class Service:
-    "The API's state: the predictor, the prediction log and the metrics."
+    "The API's state: the predictor, the prediction log, the audit log, the metrics and the model registry's health."
 
     def __init__(self, config: ServeConfig, metrics: Metrics | None = None, predictor: Predictor | None = None):
         self.config, self.metrics = config, metrics or Metrics("ray")
-        self.predictor = predictor
+        self.predictor, self.source = predictor, "given" if predictor else None
+        self.reason: str | None = None if predictor else "model not loaded yet"  # why not ready
+        self.registry_error: str | None = None  # last failure of the registry, None once it answers again
+        bound_mlflow_calls()
+        bounds = dict(attempts=config.retry_attempts, fail_max=config.breaker_fail_max, reset_s=config.breaker_reset_s,
+                      metrics=self.metrics)
+        self.registry = Dependency("registry", transient=lambda e: isinstance(e, DependencyDown), **bounds)
+        self.cache = ModelCache(config.model_cache) if config.model_cache and config.model_uri.startswith("models:/") else None
         lake = Lake.from_settings(get_settings(lake=config.lake)) if config.lake else None
-        self.log = PredictionLog(lake, config.log_text, config.log_flush_s, config.log_max_rows, self.metrics)
+        self.log = PredictionLog(lake, config.log_text, config.log_flush_s, config.log_max_rows, self.metrics,
+                                 breaker=Dependency("lake", **{**bounds, "attempts": 1}))
+        self.audit = AuditLog(config.audit_log, config.audit_text,
+                              {key_fingerprint(k): i for k, i in key_ids(config.api_keys).items()})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if predictor: self.metrics.model(predictor.version)
@@ -368,52 +654,106 @@ class Service:
     @property
     def ready(self) -> bool: return self.predictor is not None
 
-    def load(self) -> Service:
-        "Load the model the config points at."
-        version, path = fetch_model(self.config.model_uri, self.config.tracking_uri)
-        self._swap(load_predictor(path, version, _warm_sizes(self.config.max_batch_size)))
-        return self
-
-    def _swap(self, new: Predictor):
-        old, self.predictor = self.predictor, new
-        self.metrics.model(new.version, old.version if old else None)
-        log.info("serving model version %s (%s)", new.version, new.source)
-
-    def refresh(self) -> bool:
-        "Switch to the version the alias points at now, if it moved; True when switched."
-        version = model_version(self.config.model_uri, self.config.tracking_uri)
-        if self.predictor and version == self.predictor.version: return False
-        self.load()
-        return True
-
-    def _refresh_loop(self):
-        while not self._stop.wait(self.config.poll_s):
-            try: self.refresh()
-            except Exception as e: log.warning("model refresh failed, still serving %s: %s", self.version, e)
-
     @property
     def version(self) -> str | None: return self.predictor.version if self.predictor else None
 
+    def _remote(self) -> bool: return self.config.model_uri.startswith("models:/")
+
+    def _current_version(self) -> str:
+        "The version the model URI points at now (through the registry's breaker)."
+        if not self._remote(): return model_version(self.config.model_uri)
+        v = self.registry.call(model_version, self.config.model_uri, self.config.tracking_uri)
+        self.registry_error = None
+        return v
+
+    def _load_version(self, version: str):
+        "Load `version`: from the cache when it holds it, else downloaded (then cached); swap it in."
+        cfg, sizes = self.config, _warm_sizes(self.config.max_batch_size)
+        if not self._remote(): return self._swap(load_predictor(_keras_file(cfg.model_uri), version, sizes), "file")
+        cached = self.cache.get(cfg.model_uri, cfg.tracking_uri) if self.cache else None
+        if cached and cached[0] == version:
+            return self._swap(load_predictor(cached[1], version, sizes), "registry")
+        with tempfile.TemporaryDirectory(prefix="spam-model-") as tmp:
+            path = self.registry.call(download_model, cfg.model_uri, version, cfg.tracking_uri, tmp)
+            kept = self.cache.put(cfg.model_uri, cfg.tracking_uri, version, path) if self.cache else None
+            self._swap(load_predictor(kept or path, version, sizes), "registry")
+
+    def load(self) -> Service:
+        "Load the model the config points at; with the registry unreachable, the cached copy of the last version fetched."
+        try: self._load_version(self._current_version())
+        except DependencyDown as e:
+            self.registry_error = str(e)
+            cached = self.cache.get(self.config.model_uri, self.config.tracking_uri) if self.cache else None
+            if cached is None:
+                where = f"in {self.cache.root}" if self.cache else "(SPAM_MLOPS_MODEL_CACHE unset)"
+                raise DependencyDown(f"{e}; no cached model {where}") from None
+            if cached[0] != self.version: self._swap(load_predictor(cached[1], cached[0], _warm_sizes(self.config.max_batch_size)), "cache")
+            log.warning("model registry unreachable, serving cached version %s: %s", cached[0], e)
+        return self
+
+    def try_load(self) -> Service:
+        "`load`, but a failure leaves the service up and not ready, with the reason; `start` keeps retrying."
+        try: self.load()
+        except Exception as e:
+            self.reason = f"{e}; retrying every {self._retry_s():.0f} s"
+            log.error("model not loaded: %s", self.reason)
+        return self
+
+    def _swap(self, new: Predictor, source: str):
+        old, self.predictor, self.source, self.reason = self.predictor, new, source, None
+        self.metrics.model(new.version, old.version if old else None)
+        log.info("serving model version %s from the %s (%s)", new.version, source, new.source)
+
+    def refresh(self) -> bool:
+        "Switch to the version the alias points at now if it moved (or load one, when none is); True when switched."
+        version = self._current_version()
+        if self.predictor and version == self.predictor.version: return False
+        self._load_version(version)
+        return True
+
+    def _retry_s(self) -> float:
+        "Seconds between tries while no model is loaded."
+        return min(self.config.poll_s, 5.0) if self.config.poll_s > 0 else 5.0
+
+    def _refresh_loop(self):
+        while not self._stop.wait(self.config.poll_s if self.ready else self._retry_s()):
+            try: self.refresh() if self.ready else self.load()  # load: the cache counts too while nothing is served
+            except Exception as e:
+                if isinstance(e, DependencyDown): self.registry_error = str(e)
+                if self.ready: log.warning("model refresh failed, still serving %s: %s", self.version, e)
+                else:
+                    self.reason = f"{e}; retrying every {self._retry_s():.0f} s"
+                    log.warning("model still not loaded: %s", e)
+            if self.ready and self.config.poll_s <= 0: return
+
+    def readiness(self) -> dict:
+        "What `/readyz` answers when ready: the version, where it came from, the registry's state."
+        out = {"status": "ready", "model_version": self.version, "model_source": self.source}
+        if self._remote(): out["registry"] = self.registry_error or "ok"
+        return out
+
     def start(self) -> Service:
-        "Start the prediction log flusher and the model refresh poller."
+        "Start the prediction log and audit writers and the model refresh poller (which also retries a failed load)."
         self.log.start()
-        if self.config.poll_s > 0 and self._thread is None:
+        self.audit.start()
+        if (self.config.poll_s > 0 or not self.ready) and self._thread is None:
             self._thread = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
             self._thread.start()
         return self
 
     def close(self):
-        "Stop the poller and flush the prediction log."
+        "Stop the poller and flush the prediction and audit logs."
         self._stop.set()
         self.log.close()
+        self.audit.close()
 
-    def predict(self, texts: list[str]) -> list[dict]:
-        "Answers for raw `texts`: prediction, spam_probability, model_version, request_id."
+    def predict(self, texts: list[str], ids: list[str] | None = None) -> list[dict]:
+        "Answers for raw `texts`: prediction, spam_probability, model_version, request_id (`ids`, default new ones)."
         p = self.predictor
-        if p is None: raise ServeError("model not loaded yet")
+        if p is None: raise ServeError(f"model not loaded: {self.reason}")
         probs, labels = predict_batch(texts, p, self.config.threshold)
         now = datetime.now(UTC)
-        ids = [uuid.uuid4().hex for _ in texts]
+        ids = ids or [uuid.uuid4().hex for _ in texts]
         self.metrics.batch(len(texts), labels, p.version)
         self.log.append([(now, i, t, float(pr), lab, p.version) for i, t, pr, lab in zip(ids, texts, probs, labels)])
         return [{"prediction": lab, "spam_probability": float(pr), "model_version": p.version, "request_id": i}
@@ -479,21 +819,36 @@ def _error_message(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-class _MetricsMiddleware:
-    "ASGI middleware: count every HTTP request by route and status, time it."
+class _AccessMiddleware:
+    """ASGI middleware, outermost: the request id, then — once answered — the metrics (route, status, latency) and
+    the audit line of every HTTP request. The request id is the `X-Request-ID` header (Ray's proxy and ingress
+    set one when the client did not, and return it); without Ray (`echo_request_id`) this middleware does both."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, service: Service, echo_request_id: bool = True):
+        self.app, self.service, self.echo = app, service, echo_request_id
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, t0, status = time.perf_counter(), time.time(), [500]
+        rid = key = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id": rid = v.decode("latin-1")[:128]
+            elif k == b"x-api-key": key = v
+        rid = rid or uuid.uuid4().hex
+        ctx = scope["spam_mlops"] = {"request_id": rid}  # filled in by the routes: model_version, text
+        echo = self.echo
 
         async def _send(msg):
-            if msg["type"] == "http.response.start": status[0] = msg["status"]
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+                if echo: msg = {**msg, "headers": [*msg.get("headers", ()), (b"x-request-id", rid.encode("latin-1"))]}
             await send(msg)
         try: await self.app(scope, receive, _send)
-        finally: self.metrics.request(scope.get("path", ""), status[0], time.perf_counter() - start)
+        finally:
+            seconds, path = time.perf_counter() - start, scope.get("path", "")
+            self.service.metrics.request(path, status[0], seconds)
+            self.service.audit.record(t0, rid, scope["method"], path[:256], status[0], seconds,
+                                      ctx.get("model_version") or self.service.version, key, ctx.get("text"))
 
 
 class _FastPredict:
@@ -503,9 +858,9 @@ class _FastPredict:
     FastAPI app unchanged (the body is replayed), so errors and docs come from one place. On this machine kind
     FastAPI's dependency and body resolution cost more CPU per request than the model itself."""
 
-    def __init__(self, app, service: Service, predict_one: Callable[[str], Awaitable[dict]]):
+    def __init__(self, app, service: Service, predict_one: Callable[[str, str], Awaitable[dict]]):
         self.app, self.service, self.predict_one = app, service, predict_one
-        self.keys = [k.encode() for k in service.config.api_keys]
+        self.keys = list(key_ids(service.config.api_keys))
 
     def _fast(self, scope) -> bool:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/api/predict" or not self.service.ready:
@@ -527,7 +882,10 @@ class _FastPredict:
         body = b"".join(chunks)
         try: text = PredictRequest.model_validate_json(body).text
         except ValueError: return await self.app(scope, _replay(body), send)  # FastAPI names the problem
-        out = json.dumps(await self.predict_one(text)).encode()
+        ctx = scope.get("spam_mlops") or {}
+        answer = await self.predict_one(text, ctx.get("request_id") or uuid.uuid4().hex)
+        ctx["model_version"], ctx["text"] = answer["model_version"], text
+        out = json.dumps(answer).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
@@ -546,17 +904,18 @@ def _replay(body: bytes, then: dict | None = None):
     return receive
 
 
-def build_app(service: Service, predict_one: Callable[[str], Awaitable[dict]] | None = None):
-    "The FastAPI app of the API over `service`."
-    from fastapi import Depends, FastAPI, HTTPException, Request
+def build_app(service: Service, predict_one: Callable[[str, str], Awaitable[dict]] | None = None,
+              echo_request_id: bool = True):
+    "The FastAPI app of the API over `service`; `predict_one(text, request_id)` answers one text (default: directly)."
+    from fastapi import Depends, FastAPI, HTTPException
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from fastapi.security import APIKeyHeader
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    async def _direct(text: str) -> dict: return service.predict([text])[0]
+    async def _direct(text: str, request_id: str) -> dict: return service.predict([text], [request_id])[0]
     predict_one = predict_one or _direct
-    keys = [k.encode() for k in service.config.api_keys]
+    keys = list(key_ids(service.config.api_keys))
     header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key, when the server has SPAM_MLOPS_API_KEYS")
 
     async def _guard(key: str | None = Depends(header)):  # async: a sync dependency would cost a thread hop per request
@@ -565,12 +924,12 @@ def build_app(service: Service, predict_one: Callable[[str], Awaitable[dict]] | 
         _ready()
 
     def _ready():
-        if not service.ready: raise HTTPException(503, "model not loaded yet")
+        if not service.ready: raise HTTPException(503, f"model not loaded: {service.reason}")
 
     errors = {400: {"model": ErrorResponse, "description": "body is not UTF-8 encoded JSON"},
               401: {"model": ErrorResponse, "description": "missing or invalid API key"},
               422: {"model": ErrorResponse, "description": "invalid input, the message names the field"},
-              503: {"model": ErrorResponse, "description": "model not loaded yet"}}
+              503: {"model": ErrorResponse, "description": "model not loaded (yet): the reason"}}
     app = FastAPI(title="spam_mlops API", version="1", description="SMS spam detection over the registered champion model.")
 
     @app.exception_handler(RequestValidationError)
@@ -586,17 +945,22 @@ def build_app(service: Service, predict_one: Callable[[str], Awaitable[dict]] | 
 
     # answers are built by our own code: document their schema but skip FastAPI's response re-validation (hot path)
     @app.post("/api/predict", response_model=None, responses={200: {"model": Prediction}, **errors}, dependencies=[Depends(_guard)])
-    async def predict(req: PredictRequest):
+    async def predict(req: PredictRequest, request: Request):
         "Classify one message."
-        return JSONResponse(await predict_one(req.text))
+        ctx = request.scope.get("spam_mlops") or {}
+        answer = await predict_one(req.text, ctx.get("request_id") or uuid.uuid4().hex)
+        ctx["model_version"], ctx["text"] = answer["model_version"], req.text
+        return JSONResponse(answer)
 
     @app.post("/api/predict/batch", response_model=None, responses={200: {"model": BatchResponse}, **errors},
               dependencies=[Depends(_guard)])
-    async def predict_many(req: BatchRequest):
-        "Classify up to 1,000 messages (MAX_BATCH_TEXTS) in one call; answers in the same order."
-        chunks = [req.texts[i:i + service.config.max_batch_size] for i in range(0, len(req.texts), service.config.max_batch_size)]
+    async def predict_many(req: BatchRequest, request: Request):
+        "Classify up to 1,000 messages (MAX_BATCH_TEXTS) in one call; answers in the same order, sharing the call's request id."
+        ctx = request.scope.get("spam_mlops") or {}
+        rid, n = ctx.get("request_id") or uuid.uuid4().hex, service.config.max_batch_size
         out = []
-        for c in chunks: out += await asyncio.to_thread(service.predict, c)
+        for c in (req.texts[i:i + n] for i in range(0, len(req.texts), n)): out += await asyncio.to_thread(service.predict, c, [rid] * len(c))
+        ctx["model_version"], ctx["text"] = out[-1]["model_version"], req.texts
         return JSONResponse({"predictions": out})
 
     @app.get("/healthz")
@@ -604,14 +968,14 @@ def build_app(service: Service, predict_one: Callable[[str], Awaitable[dict]] | 
         "Alive."
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    @app.get("/readyz", responses={503: {"model": ErrorResponse, "description": "no model loaded: the reason"}})
     async def readyz():
-        "Ready when the model is loaded; names the version served."
+        "Ready when a model is loaded: its version, where it came from (`registry`, `cache`, `file`), the registry's state."
         _ready()
-        return {"status": "ready", "model_version": service.version}
+        return service.readiness()
 
     app.add_middleware(_FastPredict, service=service, predict_one=predict_one)
-    app.add_middleware(_MetricsMiddleware, metrics=service.metrics)  # outermost: counts every answer
+    app.add_middleware(_AccessMiddleware, service=service, echo_request_id=echo_request_id)  # outermost: sees every answer
     return app
 
 # %% ../nbs/06_serve.ipynb #21b4ab66
@@ -625,17 +989,15 @@ def deployment(config: ServeConfig, replicas: int = 1, name: str = "SpamAPI"):
     class SpamAPI:
         def __init__(self, config: ServeConfig):
             logging.basicConfig(level=logging.INFO)
-            self.service = Service(config).load().start()
+            # never raises for a missing model: Ray would restart the replica in a loop; /readyz says why instead
+            self.service = Service(config).try_load().start()
 
         @serve.batch(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_s)
-        async def predict_one(self, texts: list[str]) -> list[dict]:
-            return self.service.predict(texts)
+        async def predict_one(self, texts: list[str], ids: list[str]) -> list[dict]:
+            return self.service.predict(texts, ids)
 
         def __serve_build_asgi_app__(self):
-            return build_app(self.service, self.predict_one)
-
-        def check_health(self):
-            if not self.service.ready: raise RuntimeError("model not loaded")
+            return build_app(self.service, self.predict_one, echo_request_id=False)  # Ray returns X-Request-ID itself
 
         def __del__(self):
             self.service.close()
@@ -683,28 +1045,46 @@ def fast_ingress_env(workdir: str | None = None) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
+def check_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
+    "(certificate, key) as absolute paths when TLS is on, None when off; a clear error when they cannot serve."
+    if not cert and not key: return None
+    if not (cert and key): raise ServeError("TLS needs both a certificate and a key (--tls-cert and --tls-key, "
+                                            "or SPAM_MLOPS_TLS_CERT and SPAM_MLOPS_TLS_KEY)")
+    cert, key = (str(Path(p).expanduser().resolve()) for p in (cert, key))
+    for p in (cert, key):
+        if not Path(p).is_file(): raise ServeError(f"TLS file not found: {p}")
+    try: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e: raise ServeError(f"TLS certificate {cert} and key {key} cannot serve: {e}") from None
+    return cert, key
+
+
 def start_server(app, port: int = 8000, host: str = "0.0.0.0",  # nosec B104: a server listens for the cluster; NetworkPolicies limit who reaches it
                  metrics_port: int = 8080, fast: bool = True,
-                 name: str = "spam_api", num_cpus: int | None = None):
-    "Start Ray (in-process) and Ray Serve with `app` on `host:port`; Ray's Prometheus metrics on `metrics_port`."
+                 name: str = "spam_api", num_cpus: int | None = None, tls_cert: str | None = None, tls_key: str | None = None):
+    """Start Ray (in-process) and Ray Serve with `app` on `host:port`; Ray's Prometheus metrics on `metrics_port`.
+    With `tls_cert` and `tls_key` the port speaks HTTPS only, from Ray's Python proxy (HAProxy cannot terminate TLS)."""
     import ray
     from ray import serve
-    if fast:
+    tls = check_tls(tls_cert, tls_key)
+    if tls and fast: log.warning("TLS on: HTTPS is served by Ray's Python proxy (Ray Serve's HAProxy ingress has no TLS)")
+    if fast:  # throughput-optimised mode helps the Python proxy too
         for k, v in fast_ingress_env().items(): os.environ.setdefault(k, v)
+    if tls or not fast: os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "60")  # the raylet's wait for its metrics agent, slow on a busy box
     kw = dict(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port, configure_logging=False,
               log_to_driver=False, ignore_reinit_error=True)
-    try: ray.init(**kw)
-    except Exception as e:  # Ray gives its raylet a fixed 30 s to register: on a busy machine, try once more
-        if "timed out during startup" not in str(e): raise
-        log.warning("Ray start timed out (%s); retrying once", e)
-        ray.shutdown()
-        try: ray.init(**kw)
-        except Exception as e2:
+    for attempt in range(1, 4):  # Ray gives its raylet a fixed time to register: on a busy machine, try again
+        try:
+            ray.init(**kw)
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e): raise
             ray.shutdown()
-            raise ServeError(f"Ray did not start (machine overloaded?): {e2}") from None
-    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+            if attempt == 3: raise ServeError(f"Ray did not start in 3 tries (machine overloaded?): {e}") from None
+            log.warning("Ray start timed out (%s); trying again", e)
+    http = {"host": host, "port": port, **({"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {})}
+    serve.start(http_options=http, logging_config={"log_level": "WARNING"})
     serve.run(app, name=name, route_prefix="/", blocking=False)
 
 
@@ -718,16 +1098,23 @@ def stop_server():
 
 def run_server(settings: Settings | None = None, port: int = 8000, host: str = "0.0.0.0",  # nosec B104: as start_server
                replicas: int = 1,
-               model_uri: str | None = None, metrics_port: int = 8080, fast: bool = True):
-    "Serve the API until Ctrl-C or SIGTERM (`spam-mlops serve`)."
+               model_uri: str | None = None, metrics_port: int = 8080, fast: bool = True,
+               tls_cert: str | None = None, tls_key: str | None = None):
+    "Serve the API until Ctrl-C or SIGTERM (`spam-mlops serve`); HTTPS with a certificate and key (arguments or settings)."
+    settings = settings or get_settings()
     cfg = ServeConfig.from_env(settings, **({"model_uri": model_uri} if model_uri else {}))
-    model_version(cfg.model_uri, cfg.tracking_uri)  # fail fast, with a clear message, when there is no model
+    tls = check_tls(tls_cert or settings.tls_cert, tls_key or settings.tls_key)
+    bound_mlflow_calls()
+    try: model_version(cfg.model_uri, cfg.tracking_uri)  # fail fast, with a clear message, when there is no model
+    except DependencyDown as e:  # an outage, not an answer: start, and serve the cached model or wait for the registry
+        log.warning("%s: starting anyway; replicas serve their cached model or stay not ready until it is back", e)
     stop = threading.Event()
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # Ray's crash handler aborts the driver on SIGTERM
-    start_server(deployment(cfg, replicas), port, host, metrics_port, fast)
+    start_server(deployment(cfg, replicas), port, host, metrics_port, fast, tls_cert=tls and tls[0], tls_key=tls and tls[1])
     for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, lambda *_: stop.set())
-    print(f"serving {cfg.model_uri} on http://{host}:{port} (docs /docs, metrics http://{host}:{metrics_port}/metrics); Ctrl-C stops",
-          flush=True)
+    scheme = "https" if tls else "http"
+    print(f"serving {cfg.model_uri} on {scheme}://{host}:{port} (docs /docs, metrics http://{host}:{metrics_port}/metrics); "
+          "Ctrl-C stops", flush=True)
     try: stop.wait()
     finally:
         print("stopping: draining requests and flushing the prediction log")
