@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 from loadtest import P95_LIMIT_S, baselines, get_model, hey, lake_with_data, wait_ready
-from machine import machine
+from machine import machine, machine_info
 
 RSS_GROWTH_LIMIT = 0.10
 
@@ -106,9 +106,9 @@ def main():
     from ray import serve
 
     from spam_mlops import serve as sv
-    print(machine())
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-          f"(hey runs on the same cores; other processes on the machine make figures pessimistic)", flush=True)
+    print(machine("ray", "tensorflow-cpu"))
+    print("note: hey runs on the same cores as the server; other work on the machine (see the load average) makes "
+          "the figures pessimistic", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     settings = lake_with_data(tmp)
     model_uri = get_model(args, tmp, settings)
@@ -123,7 +123,7 @@ def main():
     for u in (url, noop): wait_ready(u)
     version = requests.get(f"{base}/readyz", timeout=10).json()["model_version"]
     print(f"serving {model_uri} (version {version}) on {base}, {args.replicas} replica(s)", flush=True)
-    results: dict = {"machine": machine(), "model_uri": model_uri, "rate": args.rate, "conc": args.conc, "minutes": []}
+    results: dict = {"machine": machine_info("ray", "tensorflow-cpu"), "model_uri": model_uri, "rate": args.rate, "conc": args.conc, "minutes": []}
     sampler = None
     try:
         hey(url, 5, conc=16)  # warm the whole path
@@ -158,15 +158,17 @@ def main():
     goals = {"zero errors": errors == 0, "p95 < 100 ms in every minute": not slow,
              f"RSS growth < {RSS_GROWTH_LIMIT:.0%} from minute 2 to minute {len(mins)}, every serving process": not grown and not gone}
     print(f"\nmemory from minute 2 to minute {len(mins)}:")
+    one = mins[0]["rss"]
     for k, g in growth.items():
-        print(f"  {k:24} {first[k]['rss_mb']:8.1f} → {last[k]['rss_mb']:8.1f} MiB ({g:+.1%}; peak {last[k]['peak_mb']:.1f})")
+        m1 = f"minute 1 {one[k]['rss_mb']:.1f}, " if k in one else ""
+        print(f"  {k:24} {first[k]['rss_mb']:8.1f} → {last[k]['rss_mb']:8.1f} MiB ({g:+.1%}; {m1}peak {last[k]['peak_mb']:.1f})")
     for k in gone: print(f"  {k:24} gone before the last minute (died or replaced)")
     print("\ngoals:")
     for name, ok in goals.items(): print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     if errors: print(f"  errors: {errors} in total; by minute {[r['errors'] for r in mins]}")
     if slow: print(f"  p95 ≥ 100 ms in minute(s) {slow}")
     if len(mins) < 10: print(f"  (a {len(mins)}-minute run checks the benchmark; the goal is stated for 10 minutes)")
-    print(machine())
+    print(machine("ray", "tensorflow-cpu"), "(at the end)")
     passed = all(goals.values())
     results.update(goals=goals, rss_growth=growth, passed=passed)
     out = Path(__file__).parent / "results" / f"soak-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
