@@ -94,9 +94,7 @@ class Lake:
         "Write `data` to `rel` atomically; return the object's URI."
         path = self.path(rel)
         try:
-            if self.is_s3:
-                self._ensure_bucket()
-                with self.fs.open_output_stream(path) as f: f.write(data)  # one PUT: whole or nothing
+            if self.is_s3: self._put(path, data)
             else:
                 parent = path.rsplit("/", 1)[0]
                 self.fs.create_dir(parent, recursive=True)
@@ -119,6 +117,17 @@ class Lake:
         bucket = self.root.split("/", 1)[0]
         if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound: self.fs.create_dir(bucket)
         self._bucket_ok = True
+
+    def _put(self, path: str, data: bytes):
+        "One PUT (whole or nothing). A bucket that vanished since it was checked (a wiped store) is created again."
+        for attempt in (1, 2):
+            self._ensure_bucket()
+            try:
+                with self.fs.open_output_stream(path) as f: f.write(data)
+                return
+            except OSError as e:
+                self._bucket_ok = False  # check the bucket again on the next write
+                if attempt == 2 or "NO_SUCH_BUCKET" not in str(e).upper().replace("NOSUCHBUCKET", "NO_SUCH_BUCKET"): raise
 
     def write_parquet(self, rel: str, df: pd.DataFrame) -> str:
         "Write `df` as Parquet to `rel`, atomically."

@@ -45,3 +45,15 @@ def test_unreachable_s3_is_a_clear_error(monkeypatch, corpus):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     with pytest.raises(LakeError, match="s3://nowhere/raw"):
         ingest(get_settings(lake="s3://nowhere", source=str(corpus)))
+
+
+def test_a_bucket_wiped_after_the_first_write_is_created_again(s3_env):
+    "A lake object outlives its bucket (a wiped or rebuilt store): the next write creates the bucket again."
+    lake = Lake.from_settings(get_settings(lake="s3://spam-wiped/prod"))
+    lake.write_json("a.json", {"n": 1})
+    bucket = boto3.resource("s3").Bucket("spam-wiped")
+    bucket.objects.all().delete()
+    bucket.delete()
+    assert "spam-wiped" not in {b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]}
+    lake.write_json("b.json", {"n": 2})
+    assert lake.list("") == ["b.json"] and lake.read_json("b.json") == {"n": 2}
