@@ -87,10 +87,12 @@ def materialize(full: Annotated[bool, typer.Option("--full", help="Every row, no
 def train(epochs: Annotated[int | None, typer.Option(help="Maximum epochs (early stopping may end sooner)")] = None,
           workers: Annotated[int, typer.Option(help="Ray Train workers, 1 CPU each (0: in-process, no Ray)")] = 1,
           sample: Annotated[int | None, typer.Option(help="Train on a stratified sample of this many messages")] = None,
-          seed: Annotated[int, typer.Option(help="Random seed")] = 42):
+          seed: Annotated[int, typer.Option(help="Random seed")] = 42,
+          features_source: Annotated[str, typer.Option(help="feast: Feast historical retrieval (feast-apply first); lake: join the lake's tables directly")] = "feast"):
     "Train the LSTM (Ray Train), log the run to MLflow beside the baseline, register it and gate the champion."
     from spam_mlops.train import train as run
-    print(run(get_settings(), {"seed": seed} | ({"epochs": epochs} if epochs else {}), sample_n=sample, workers=workers))
+    print(run(get_settings(), {"seed": seed} | ({"epochs": epochs} if epochs else {}), sample_n=sample, workers=workers,
+              features_source=features_source))
 
 @command()
 def tune(num_samples: Annotated[int, typer.Option(help="Trials to run")] = 20,
@@ -154,11 +156,13 @@ def _env_or(value: str | None, var: str) -> str:
 @command()
 def backup(db: Annotated[str | None, typer.Option(help="MLflow database URL (SPAM_MLOPS_BACKUP_DB)")] = None,
            artifacts: Annotated[str | None, typer.Option(help="Artifact store root (SPAM_MLOPS_BACKUP_ARTIFACTS)")] = None,
-           dest: Annotated[str | None, typer.Option(help="Backup location (SPAM_MLOPS_BACKUP_DEST)")] = None):
+           dest: Annotated[str | None, typer.Option(help="Backup location (SPAM_MLOPS_BACKUP_DEST)")] = None,
+           dump: Annotated[str | None, typer.Option(help="A pg_dump -Fc file made beforehand, instead of running pg_dump here (SPAM_MLOPS_BACKUP_DUMP)")] = None):
     "Back up MLflow: pg_dump of its database and a copy of its artifact store, with checksums."
+    import os
     from spam_mlops.backup import backup as run
     print(run(_env_or(db, "SPAM_MLOPS_BACKUP_DB"), _env_or(artifacts, "SPAM_MLOPS_BACKUP_ARTIFACTS"),
-              _env_or(dest, "SPAM_MLOPS_BACKUP_DEST"), get_settings()))
+              _env_or(dest, "SPAM_MLOPS_BACKUP_DEST"), get_settings(), dump_file=dump or os.environ.get("SPAM_MLOPS_BACKUP_DUMP")))
 
 
 @command()

@@ -2,9 +2,12 @@
 drop the database and the artifacts, restore; runs, versions, the champion alias and the model come back."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -79,6 +82,14 @@ def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
         s = get_settings(lake=str(tmp_path))
         bk = backup(url, str(tmp_path / "artifacts"), str(tmp_path / "backups"), s, dump_file=str(dump))
         assert bk.files == 2
+        # the CronJob's command: everything from the environment, no pg_dump on the PATH
+        env = os.environ | {"SPAM_MLOPS_BACKUP_DB": url, "SPAM_MLOPS_BACKUP_ARTIFACTS": str(tmp_path / "artifacts"),
+                            "SPAM_MLOPS_BACKUP_DEST": str(tmp_path / "cron"), "SPAM_MLOPS_BACKUP_DUMP": str(dump),
+                            "PATH": str(Path(sys.executable).parent)}
+        out = subprocess.run([str(Path(sys.executable).parent / "spam-mlops"), "backup"], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "backup: 2 files" in out.stdout and latest_backup(str(tmp_path / "cron"), s).startswith(str(tmp_path / "cron"))
 
         pg_exec(f"DROP DATABASE {db} WITH (FORCE)")
         shutil.rmtree(tmp_path / "artifacts")
