@@ -49,11 +49,11 @@ from .lake import Lake
 __all__ = ['log', 'MAX_TEXT_CHARS', 'MAX_BATCH_TEXTS', 'API_KEY_HEADER', 'REQUEST_ID_HEADER', 'AUDIT_LOGGER', 'PREDICTIONS',
            'MAX_BATCH_SIZE', 'WARM_SIZES', 'MLFLOW_HTTP_BOUNDS', 'ROUTES', 'LATENCY_BUCKETS', 'BATCH_BUCKETS',
            'LOG_COLUMNS', 'Text', 'ServeError', 'DependencyDown', 'ServeConfig', 'key_fingerprint', 'key_ids',
-           'safe_uri', 'compile_model', 'Predictor', 'load_predictor', 'build_demo_model', 'model_version',
-           'download_model', 'fetch_model', 'ModelCache', 'predict_batch', 'Metrics', 'bound_mlflow_calls',
-           'Dependency', 'prediction_table', 'PredictionLog', 'AuditLog', 'Service', 'PredictRequest', 'BatchRequest',
-           'Prediction', 'BatchResponse', 'ErrorResponse', 'build_app', 'deployment', 'app_builder', 'free_port',
-           'fast_ingress_env', 'check_tls', 'start_server', 'stop_server', 'run_server']
+           'safe_uri', 'compile_model', 'Predictor', 'load_predictor', 'build_demo_model', 'bound_mlflow_calls',
+           'model_version', 'download_model', 'fetch_model', 'ModelCache', 'predict_batch', 'Metrics', 'Dependency',
+           'prediction_table', 'PredictionLog', 'AuditLog', 'Service', 'PredictRequest', 'BatchRequest', 'Prediction',
+           'BatchResponse', 'ErrorResponse', 'build_app', 'deployment', 'app_builder', 'free_port', 'fast_ingress_env',
+           'check_tls', 'start_server', 'stop_server', 'run_server']
 
 # %% ../nbs/06_serve.ipynb #334a506a
 log = logging.getLogger(__name__)
@@ -201,6 +201,11 @@ def build_demo_model(texts, labels, epochs: int = 3, max_tokens: int = 10_000, s
     return model
 
 # %% ../nbs/06_serve.ipynb #2ea246ce
+def bound_mlflow_calls():
+    "Bound MLflow's HTTP calls (unless the variables are set): 10 s per request, no retries of its own."
+    for k, v in MLFLOW_HTTP_BOUNDS.items(): os.environ.setdefault(k, v)
+
+
 def _keras_file(directory: str | Path) -> Path:
     "The one `*.keras` file under `directory`."
     d = Path(directory)
@@ -399,11 +404,6 @@ class Metrics:
         else: self._circuit.labels(dependency=dependency).set(v)
 
 # %% ../nbs/06_serve.ipynb #7588aad9
-def bound_mlflow_calls():
-    "Bound MLflow's HTTP calls (unless the variables are set): 10 s per request, no retries of its own."
-    for k, v in MLFLOW_HTTP_BOUNDS.items(): os.environ.setdefault(k, v)
-
-
 class Dependency:
     "Calls to one outside service: `attempts` tries with exponential backoff (tenacity) inside a circuit breaker (pybreaker)."
 
@@ -541,11 +541,19 @@ class PredictionLog:
         self.flush()
 
 # %% ../nbs/06_serve.ipynb #029173d4
+class _Stderr(logging.StreamHandler):
+    "A stderr handler that leaves flushing to the audit writer: once per batch, not once per line."
+
+    def emit(self, record):
+        try: self.stream.write(self.format(record) + self.terminator)
+        except Exception: self.handleError(record)
+
+
 def _audit_logger() -> logging.Logger:
     "The `spam_mlops.audit` logger; when nothing configured it, it writes bare lines to stderr."
     lg = logging.getLogger(AUDIT_LOGGER)
     if not lg.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _Stderr(sys.__stderr__ or sys.stderr)  # the process's own: in a replica, Ray Serve wraps sys.stderr
         h.setFormatter(logging.Formatter("%(message)s"))
         lg.addHandler(h)
         lg.setLevel(logging.INFO)
@@ -565,26 +573,40 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._file = None
         self.lines, self.lost = 0, 0
+        self._ids: dict[bytes, str] = {}  # presented key -> id, so each key is hashed once (bounded)
+        self._second, self._stamp = -1, ""  # the formatted UTC second of the last line
+        self._json = json.JSONEncoder(separators=(", ", ": ")).encode
 
     def record(self, start: float, request_id: str, method: str, route: str, status: int, latency_s: float,
                model_version: str | None, key: bytes | None, text=None):
         "Queue one request's line: the request path pays for a tuple, the writer builds the JSON."
         self._q.put((start, request_id, method, route, status, latency_s, model_version, key, text))
+        if self._thread is None and not self._stop.is_set(): self.start()  # never an unbounded queue without a writer
 
     def key_id(self, key: bytes | None) -> str | None:
         "The id of a presented API key: a configured key's name, else its fingerprint; None without a key."
         if not key: return None
-        fp = key_fingerprint(key)
-        return self.key_names.get(fp, fp)
+        kid = self._ids.get(key)
+        if kid is None:
+            if len(self._ids) > 1024: self._ids.clear()  # many wrong keys: start over rather than grow
+            fp = key_fingerprint(key)
+            kid = self._ids[key] = self.key_names.get(fp, fp)
+        return kid
+
+    def _time(self, t: float) -> str:
+        "`t` as UTC ISO 8601 with milliseconds (the second's text is reused while it lasts)."
+        second = int(t)
+        if second != self._second: self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((t - second) * 1000):03d}Z"
 
     def line(self, item: tuple) -> str:
         "The JSON line of one queued request."
         start, rid, method, route, status, latency_s, version, key, text = item
-        rec = {"time": datetime.fromtimestamp(start, UTC).isoformat(timespec="milliseconds"), "request_id": rid,
+        rec = {"time": self._time(start), "request_id": rid,
                "method": method, "route": route, "status": status, "latency_ms": round(latency_s * 1000, 3),
                "model_version": version, "key_id": self.key_id(key)}
         if self.include_text and text is not None: rec["text"] = text
-        return json.dumps(rec, ensure_ascii=False)
+        return self._json(rec)
 
     def flush(self) -> int:
         "Write every queued line now; the number written."
@@ -601,9 +623,9 @@ class AuditLog:
                         self._file = open(self.path, "a", encoding="utf-8")
                     self._file.write("".join(ln + "\n" for ln in lines))
                     self._file.flush()
-                else:
-                    lg = _audit_logger()
-                    for ln in lines: lg.info(ln)
+                elif (lg := _audit_logger()).isEnabledFor(logging.INFO):  # records made here: no caller lookup per line
+                    for ln in lines: lg.handle(logging.LogRecord(AUDIT_LOGGER, logging.INFO, "", 0, ln, None, None))
+                    for h in lg.handlers: h.flush()
             except OSError as e:
                 self.lost += len(lines)
                 log.error("audit log %s not written, %d lines lost: %s", self.path or AUDIT_LOGGER, len(lines), e)
@@ -979,6 +1001,18 @@ def build_app(service: Service, predict_one: Callable[[str, str], Awaitable[dict
     return app
 
 # %% ../nbs/06_serve.ipynb #21b4ab66
+def _replica_logging():
+    """Send this package's log lines to the replica process's real stderr (`sys.__stderr__`): Ray Serve replaces
+    `sys.stderr` with a stream into its own replica logger, which buffers up to 1,000 lines in throughput mode."""
+    lg = logging.getLogger("spam_mlops")
+    if not lg.handlers:
+        h = logging.StreamHandler(sys.__stderr__ or sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
 def deployment(config: ServeConfig, replicas: int = 1, name: str = "SpamAPI"):
     "A bound Ray Serve application serving `config`."
     from ray import serve
@@ -988,7 +1022,7 @@ def deployment(config: ServeConfig, replicas: int = 1, name: str = "SpamAPI"):
     @serve.ingress()
     class SpamAPI:
         def __init__(self, config: ServeConfig):
-            logging.basicConfig(level=logging.INFO)
+            _replica_logging()
             # never raises for a missing model: Ray would restart the replica in a loop; /readyz says why instead
             self.service = Service(config).try_load().start()
 

@@ -135,7 +135,7 @@ def test_https_and_plain_http_refused(workdir, model_file):
             requests.get(f"{url}/healthz", timeout=5)
         with pytest.raises(requests.ConnectionError):  # plain HTTP to the HTTPS port: no HTTP answer
             requests.post(f"http://127.0.0.1:{port}/api/predict", json={"text": SPAM}, headers=H, timeout=10)
-        assert "serving" in (workdir / "tls-server.log").read_text() and f"https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text()
+        _wait(lambda: f"on https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text(), 30, "the CLI's https:// line")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -353,11 +353,10 @@ def test_no_cache_not_ready_until_registry_returns(api, registry, workdir):
     _deploy(cfg, "c")
     url = f"{api['url']}/c"
 
-    def not_ready():
+    def not_ready():  # the reason (a Response is falsy when it is not 2xx)
         r = requests.get(f"{url}/readyz", timeout=5)
-        return r if r.status_code == 503 and "model not loaded" in r.text else None
-    r = _wait(not_ready, 180, "API c up and answering 503", every=2)
-    reason = r.json()["error"]
+        return r.json()["error"] if r.status_code == 503 and "model not loaded" in r.text else None
+    reason = _wait(not_ready, 180, "API c up and answering 503", every=2)
     assert f"model registry unreachable at {registry.url}" in reason and "no cached model" in reason, reason
     t = time.monotonic()
     assert requests.get(f"{url}/readyz", timeout=5).status_code == 503 and time.monotonic() - t < 2  # answered at once
