@@ -573,3 +573,20 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
                ("spam-backup", "redis", 6379), ("spam-backup", "internet", 443), ("spam-backup", "mlflow", 5000)]
     assert [f for f in needed if not flow(*f)] == []
     assert [f for f in refused if flow(*f)] == []
+
+
+def test_audit_log_reaches_the_pod_log(rendered):
+    """The API's replicas write audit lines to /proc/1/fd/1, the stdout of the container's first process: shown here
+    with bash as that process and a Python child whose own stdout goes nowhere."""
+    api = objects(rendered["prod"], "Deployment")["spam-api"]["spec"]["template"]["spec"]["containers"][0]
+    path = {e["name"]: e.get("value") for e in api["env"]}["SPAM_MLOPS_AUDIT_LOG"]
+    assert path == "/proc/1/fd/1"
+    child = ("import sys, time; from spam_mlops.serve import AuditLog; a = AuditLog(path=sys.argv[1]); "
+             "a.record(time.time(), 'req-1', 'POST', '/api/predict', 200, 0.004, '3', b'secret-key'); a.close()")
+    out = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{child}" "/proc/$$/fd/1" >/dev/null; echo exit=$?'],
+                         capture_output=True, text=True, timeout=120)
+    first, last = out.stdout.splitlines()[0], out.stdout.splitlines()[-1]
+    assert last == "exit=0", out.stderr
+    line = json.loads(first)
+    assert line["request_id"] == "req-1" and line["status"] == 200 and line["model_version"] == "3"
+    assert "secret-key" not in out.stdout and len(line["key_id"]) == 12
