@@ -243,7 +243,7 @@ def model_version(uri: str, tracking_uri: str | None = None) -> str:
         return _keras_file(uri).name
     import mlflow
     name, alias = _split_alias(uri)
-    try: return str(mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version)
+    try: return str(mlflow.MlflowClient(tracking_uri, tracking_uri).get_model_version_by_alias(name, alias).version)
     except Exception as e: raise _registry_error(e, f"no model at {uri}", f"looking up {uri}", tracking_uri) from None
 
 
@@ -251,7 +251,7 @@ def download_model(uri: str, version: str, tracking_uri: str | None = None, dst:
     "Download registered `version` of `uri`'s model into `dst` (default: a new temporary folder); its `.keras` file."
     import mlflow
     name, _ = _split_alias(uri)
-    if tracking_uri: mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri: mlflow.set_tracking_uri(tracking_uri); mlflow.set_registry_uri(tracking_uri)  # models:/ resolves in the registry
     dst = str(dst or tempfile.mkdtemp(prefix="spam-model-"))
     try: path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst)
     except Exception as e:
