@@ -190,11 +190,17 @@ def main():
     if best: print(f"highest fixed rate with p95 < 100 ms and no error: {best['rps']:.0f} req/s "
                    f"(p50 {best['p50'] * 1000:.1f}, p95 {best['p95'] * 1000:.1f}, p99 {best['p99'] * 1000:.1f} ms)")
     results.update(passed=passed, best=best)
-    out = Path(__file__).parent / "results" / f"loadtest-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    save_results("loadtest", results)
+    return 0 if passed else 1
+
+
+def save_results(kind: str, results: dict) -> Path:
+    "Write `results` to bench/results/<kind>-<UTC time>.json and say where."
+    out = Path(__file__).parent / "results" / f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"results: {out}")
-    return 0 if passed else 1
+    return out
 
 
 if __name__ == "__main__":

@@ -14,17 +14,15 @@ last minute. `hey` runs on the same cores as the server. Results also go to benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
-from loadtest import P95_LIMIT_S, baselines, get_model, hey, lake_with_data, wait_ready
+from loadtest import P95_LIMIT_S, baselines, get_model, hey, lake_with_data, save_results, wait_ready
 from machine import machine, machine_info
 
 RSS_GROWTH_LIMIT = 0.10
@@ -171,10 +169,7 @@ def main():
     print(machine("ray", "tensorflow-cpu"), "(at the end)")
     passed = all(goals.values())
     results.update(goals=goals, rss_growth=growth, passed=passed)
-    out = Path(__file__).parent / "results" / f"soak-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str))
-    print(f"results: {out}")
+    save_results("soak", results)
     return 0 if passed else 1
 
 

@@ -3,15 +3,15 @@ and a real lake folder: HTTP requests, classification, Prometheus metrics, auth,
 the prediction log, and a schemathesis fuzz of the OpenAPI schema."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
+from serve_helpers import corpus_path as _source
+from serve_helpers import register as _register
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,38 +23,6 @@ SPAM = ["WINNER!! As a valued network customer you have been selected to receive
         "URGENT! You have won a 1 week FREE membership in our £100,000 Prize Jackpot! Txt the word: CLAIM to No: 81010"]
 HAM = ["Ok lar... Joking wif u oni...", "I'm gonna be home soon and i don't want to talk about this stuff anymore tonight",
        "Sorry, I'll call later in the meeting"]
-
-
-def _source() -> str:
-    "The SMS corpus: SPAM_MLOPS_SOURCE, else the shared copy beside the repo."
-    root = Path(__file__).resolve().parents[2]
-    for p in (os.environ.get("SPAM_MLOPS_SOURCE"), "/work/shared/data/SMSSpamCollection",
-              root.parent / "shared" / "data" / "SMSSpamCollection"):
-        if p and Path(p).is_file(): return str(p)
-    pytest.fail("no SMS corpus: set SPAM_MLOPS_SOURCE")
-
-
-def _register(tracking_uri: str, keras_file: Path, name: str) -> str:
-    "Log `keras_file` as a pyfunc model, register it under `name`, move the champion alias to it."
-    import mlflow
-    from mlflow.pyfunc import PythonModel
-
-    class KerasModel(PythonModel):
-        def load_context(self, context):
-            import keras
-            self.model = keras.saving.load_model(context.artifacts["keras_model"])
-
-        def predict(self, context, model_input):
-            import tensorflow as tf
-            return self.model(tf.constant([[t] for t in model_input.iloc[:, 0]])).numpy().ravel()
-
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=KerasModel(),
-                                       artifacts={"keras_model": str(keras_file)}, registered_model_name=name)
-    version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri).set_registered_model_alias(name, "champion", version)
-    return version
 
 
 @pytest.fixture(scope="module")
