@@ -51,9 +51,9 @@ __all__ = ['log', 'MAX_TEXT_CHARS', 'MAX_BATCH_TEXTS', 'API_KEY_HEADER', 'REQUES
            'LOG_COLUMNS', 'Text', 'ServeError', 'DependencyDown', 'ServeConfig', 'key_fingerprint', 'key_ids',
            'safe_uri', 'compile_model', 'Predictor', 'load_predictor', 'build_demo_model', 'bound_mlflow_calls',
            'model_version', 'download_model', 'fetch_model', 'ModelCache', 'predict_batch', 'Metrics', 'Dependency',
-           'prediction_table', 'PredictionLog', 'AuditLog', 'Service', 'PredictRequest', 'BatchRequest', 'Prediction',
-           'BatchResponse', 'ErrorResponse', 'build_app', 'deployment', 'app_builder', 'free_port', 'fast_ingress_env',
-           'check_tls', 'start_server', 'stop_server', 'run_server']
+           'prediction_table', 'BackgroundFlush', 'PredictionLog', 'AuditLog', 'Service', 'PredictRequest',
+           'BatchRequest', 'Prediction', 'BatchResponse', 'ErrorResponse', 'build_app', 'deployment', 'app_builder',
+           'free_port', 'fast_ingress_env', 'check_tls', 'start_server', 'stop_server', 'run_server']
 
 # %% ../nbs/06_serve.ipynb #334a506a
 log = logging.getLogger(__name__)
@@ -473,8 +473,30 @@ def prediction_table(rows: list[tuple], log_text: bool = True) -> pd.DataFrame:
     return out[LOG_COLUMNS]
 
 
-class PredictionLog:
+class BackgroundFlush:
+    "Mixin: a daemon thread calls `self.flush()` every `self.flush_s` seconds; `close()` stops it, then flushes what is left."
+    thread_name, join_s = "flush", 30.0
+
+    def _loop(self):
+        while not self._stop.wait(self.flush_s): self.flush()
+
+    def start(self):
+        "Start the background writer."
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self):
+        "Stop the writer and write what is left."
+        self._stop.set()
+        if self._thread: self._thread.join(timeout=self.join_s)
+        self.flush()
+
+
+class PredictionLog(BackgroundFlush):
     "Buffer prediction rows in memory; a background thread appends them to the lake's `predictions/`."
+    thread_name = "prediction-log"
 
     def __init__(self, lake: Lake | None, log_text: bool = True, flush_s: float = 5.0, max_rows: int = 100_000,
                  metrics: Metrics | None = None, breaker: Dependency | None = None):
@@ -524,21 +546,9 @@ class PredictionLog:
     def _write(self, key: str, part: pd.DataFrame) -> str:
         return self.breaker.call(self.lake.write_parquet, key, part) if self.breaker else self.lake.write_parquet(key, part)
 
-    def _loop(self):
-        while not self._stop.wait(self.flush_s): self.flush()
-
     def start(self) -> PredictionLog:
-        "Start the background flusher."
-        if self.lake is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
-            self._thread.start()
-        return self
-
-    def close(self):
-        "Stop the flusher and write what is left."
-        self._stop.set()
-        if self._thread: self._thread.join(timeout=30)
-        self.flush()
+        "Start the background flusher (not without a lake)."
+        return super().start() if self.lake is not None else self
 
 # %% ../nbs/06_serve.ipynb #029173d4
 class _Stderr(logging.StreamHandler):
@@ -561,8 +571,9 @@ def _audit_logger() -> logging.Logger:
     return lg
 
 
-class AuditLog:
+class AuditLog(BackgroundFlush):
     "One JSON line per HTTP request, written by a background thread to the file `path`, else to the `spam_mlops.audit` logger."
+    thread_name, join_s = "audit-log", 10.0
 
     def __init__(self, path: str | None = None, include_text: bool = False, key_names: dict[str, str] | None = None,
                  flush_s: float = 0.2):
@@ -633,21 +644,9 @@ class AuditLog:
             self.lines += len(lines)
             return len(lines)
 
-    def _loop(self):
-        while not self._stop.wait(self.flush_s): self.flush()
-
-    def start(self) -> AuditLog:
-        "Start the background writer."
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="audit-log", daemon=True)
-            self._thread.start()
-        return self
-
     def close(self):
-        "Stop the writer and write what is left."
-        self._stop.set()
-        if self._thread: self._thread.join(timeout=10)
-        self.flush()
+        "Stop the writer, write what is left, close the file."
+        super().close()
         if self._file: self._file.close(); self._file = None
 
 # %% ../nbs/06_serve.ipynb #7ef51825
