@@ -1106,11 +1106,15 @@ def start_server(app, port: int = 8000, host: str = "0.0.0.0",  # nosec B104: a 
     if tls and fast: log.warning("TLS on: HTTPS is served by Ray's Python proxy (Ray Serve's HAProxy ingress has no TLS)")
     if fast:  # throughput-optimised mode helps the Python proxy too
         for k, v in fast_ingress_env().items(): os.environ.setdefault(k, v)
-    if tls or not fast: os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0" if tls or not fast else "1"  # decided anew by every start
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "60")  # the raylet's wait for its metrics agent, slow on a busy box
-    kw = dict(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port, configure_logging=False,
-              log_to_driver=False, ignore_reinit_error=True)
+    if ray.is_initialized():  # e.g. training ran in this process: its Ray lacks the serving settings above (read at start)
+        log.warning("Ray is already running in this process; restarting it with the serving settings")
+        ray.shutdown()
+    # address="local": always a new cluster of this process, never one another process started on this machine
+    kw = dict(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+              configure_logging=False, log_to_driver=False)
     for attempt in range(1, 4):  # Ray gives its raylet a fixed time to register: on a busy machine, try again
         try:
             ray.init(**kw)
