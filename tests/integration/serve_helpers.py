@@ -37,11 +37,12 @@ def register(tracking_uri: str, keras_file: Path, name: str) -> str:
             return self.model(tf.constant([[t] for t in model_input.iloc[:, 0]])).numpy().ravel()
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)  # a registry URI set earlier in this process (train) would win otherwise
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=KerasModel(),
                                        artifacts={"keras_model": str(keras_file)}, registered_model_name=name)
     version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri).set_registered_model_alias(name, "champion", version)
+    mlflow.MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(name, "champion", version)
     return version
 
 

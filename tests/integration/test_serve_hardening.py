@@ -185,12 +185,13 @@ def _register(tracking_uri: str, keras_file: Path) -> str:
             return model_input
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)  # a registry URI set earlier in this process (train) would win otherwise
     mlflow.set_experiment("hardening")
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=KerasModel(), artifacts={"keras_model": str(keras_file)},
                                        registered_model_name=NAME)
     version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri).set_registered_model_alias(NAME, "champion", version)
+    mlflow.MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(NAME, "champion", version)
     return version
 
 
