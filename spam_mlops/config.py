@@ -13,13 +13,15 @@ Docs: https://spam-mlops.github.io/spam_mlops/config.html.md"""
 # %% ../nbs/08_config.ipynb #de022058
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 # %% auto #0
-__all__ = ['UCI_URL', 'UCI_SHA256', 'SpamMlopsError', 'ConfigError', 'Settings', 'get_settings']
+__all__ = ['UCI_URL', 'UCI_SHA256', 'SpamMlopsError', 'ConfigError', 'Settings', 'env_name', 'get_settings', 'child_env',
+           'Section', 'ServeSettings', 'DriftSettings', 'RetrainSettings', 'BackupSettings']
 
 # %% ../nbs/08_config.ipynb #14333750
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -36,7 +38,7 @@ class ConfigError(SpamMlopsError, ValueError):
 
 class Settings(BaseSettings):
     "Project settings, read from environment variables."
-    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_", frozen=True, extra="ignore", populate_by_name=True)
 
     lake: str = "./lake"  # lake root: a folder or s3://bucket[/prefix]
     source: str = UCI_URL  # raw corpus: path, http(s) URL or s3:// URI
@@ -52,17 +54,8 @@ class Settings(BaseSettings):
     aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False)
     aws_region: str = Field("us-east-1", validation_alias="AWS_DEFAULT_REGION")
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
-    # the serving API (spam_mlops.serve)
-    model_uri: str | None = None  # model served (default models:/<model_name>@champion)
-    api_keys: str = Field("", repr=False)  # comma-separated `key` or `name:key` entries; empty: no auth
-    log_text: bool = True  # keep raw text in the prediction log
-    threshold: float = Field(0.5, gt=0, lt=1)  # spam when probability >= threshold
-    model_poll_s: float = Field(30.0, ge=0)  # alias poll interval; 0 disables refresh
-    model_cache: str = "~/.cache/spam_mlops"  # local copies of fetched models
-    audit_log: str | None = None  # audit log file; None: logger spam_mlops.audit (stderr)
-    audit_text: bool = False  # message text in audit lines
-    tls_cert: str | None = None  # PEM certificate: serve HTTPS
-    tls_key: str | None = Field(None, validate_default=True)  # its PEM private key
+    ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")  # a Ray cluster to join; None: start one
+    git_commit: str | None = Field(None, validation_alias="GIT_COMMIT")  # recorded with training runs
 
     @field_validator("lake")
     @classmethod
@@ -87,38 +80,131 @@ class Settings(BaseSettings):
         if v and not v.startswith(("http://", "https://")): raise ValueError(f"{v!r}: must start with http:// or https://")
         return v or None
 
-    @field_validator("api_keys")
-    @classmethod
-    def _check_keys(cls, v: str) -> str:
-        for entry in (e.strip() for e in v.split(",")):
-            if entry and not entry.rpartition(":")[2]: raise ValueError("an entry `name:` has no key after the colon")
-        return v
-
-    @field_validator("tls_key")
-    @classmethod
-    def _check_tls(cls, v: str | None, info) -> str | None:
-        if bool(v) != bool(info.data.get("tls_cert")):
-            raise ValueError("set both SPAM_MLOPS_TLS_CERT and SPAM_MLOPS_TLS_KEY, or neither")
-        return v or None
-
     @property
     def expected_source_sha256(self) -> str | None:
         "Checksum the ingested corpus must have, if one is known."
         return self.source_sha256 or (UCI_SHA256 if self.source == UCI_URL else None)
 
 # %% ../nbs/08_config.ipynb #d08c9a03
-_ALIASES = {"s3_endpoint": "AWS_ENDPOINT_URL", "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-            "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "aws_region": "AWS_DEFAULT_REGION",
-            "mlflow_tracking_uri": "MLFLOW_TRACKING_URI"}
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    "The environment variable that sets `field` of the settings class `cls`."
+    info = cls.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, str): return alias
+    if isinstance(alias, AliasChoices): return str(alias.choices[0])
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
 
-def _env_name(field: str) -> str:
-    return _ALIASES.get(field, f"SPAM_MLOPS_{field.upper()}")
 
-
-def get_settings(**overrides) -> Settings:
-    "Read settings from the environment; raise `ConfigError` naming the variable on bad input."
-    try: return Settings(**overrides)
+def get_settings(cls: type[BaseSettings] | None = None, /, **overrides) -> BaseSettings:
+    """Read a settings class (default `Settings`) from the environment, then `overrides`;
+    on a bad value raise `ConfigError` with one line naming the variable."""
+    cls = cls or Settings
+    try: return cls(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        raise ConfigError(f"invalid configuration: {_env_name(field)}: {err['msg']}") from None
+        where = env_name(cls, str(err["loc"][0])) if err["loc"] else cls.__name__
+        raise ConfigError(f"invalid configuration: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+    except SettingsError as e:  # a complex value (JSON) that does not parse
+        field = str(e).split('"')[1] if str(e).count('"') >= 2 else "?"
+        raise ConfigError(f"invalid configuration: {env_name(cls, field)}: not valid JSON") from None
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    "The environment for a child process (a CLI tool, a server): this process's, plus `extra`."
+    return {**os.environ, **extra}
+
+# %% ../nbs/08_config.ipynb #4e7241b6
+class Section(BaseSettings):
+    "Base of the settings sections: frozen, unknown variables ignored, fields settable by name."
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+def _keys(v: str) -> str:
+    for entry in (e.strip() for e in v.split(",")):
+        if entry and not entry.rpartition(":")[2]: raise ValueError("an entry `name:` has no key after the colon")
+    return v
+
+# %% ../nbs/08_config.ipynb #3a823595
+class ServeSettings(Section):
+    "The serving API (`spam_mlops.serve`): model, auth, logs, batching, TLS and dependency policy."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_SERVE_")
+
+    model_uri: str | None = None  # model served (default models:/<model_name>@champion)
+    api_keys: str = Field("", repr=False)  # comma-separated `key` or `name:key` entries; empty: no auth
+    log_text: bool = True  # keep raw text in the prediction log
+    threshold: float = Field(0.5, gt=0, lt=1)  # spam when probability >= threshold
+    model_poll_s: float = Field(30.0, ge=0)  # alias poll interval; 0 disables refresh
+    model_cache: str = "~/.cache/spam_mlops"  # local copies of fetched models
+    audit_log: str | None = None  # audit log file; None: logger spam_mlops.audit (stderr)
+    audit_text: bool = False  # message text in audit lines
+    tls_cert: str | None = None  # PEM certificate: serve HTTPS
+    tls_key: str | None = Field(None, validate_default=True)  # its PEM private key
+    log_flush_s: float = Field(5.0, gt=0)  # prediction log flush interval
+    log_max_rows: int = Field(100_000, ge=1)  # bound of the in-memory prediction log buffer
+    max_batch_size: int = Field(64, ge=1, le=1024)  # @serve.batch size; also the largest warmed shape
+    batch_wait_s: float = Field(0.004, ge=0)  # @serve.batch wait for a fuller batch
+    retry_attempts: int = Field(3, ge=1)  # tries of one dependency call, with exponential backoff between
+    breaker_fail_max: int = Field(3, ge=1)  # failed calls in a row that open a dependency's circuit
+    breaker_reset_s: float = Field(15.0, gt=0)  # an open circuit fails fast this long, then lets one call try
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: str) -> str: return _keys(v)
+
+    @field_validator("tls_key")
+    @classmethod
+    def _check_tls(cls, v: str | None, info) -> str | None:
+        if bool(v) != bool(info.data.get("tls_cert")):
+            raise ValueError("set both SPAM_MLOPS_SERVE_TLS_CERT and SPAM_MLOPS_SERVE_TLS_KEY, or neither")
+        return v or None
+
+# %% ../nbs/08_config.ipynb #c222ce50
+class DriftSettings(Section):
+    "The drift stage (`spam_mlops.drift`): the production window, test thresholds and the feedback window."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_DRIFT_")
+
+    window_hours: float = Field(24.0, ge=0)  # production window: last N hours of predictions
+    window_messages: int = Field(0, ge=0)  # > 0: the last N messages instead
+    min_messages: int = Field(200, ge=1)  # fewer: status too_few_messages, nothing tested
+    psi_threshold: float = Field(0.25, gt=0)  # PSI above which a numeric feature drifted
+    p_value: float = Field(0.01, gt=0, lt=1)  # significance of each statistical test
+    feature_share: float = Field(0.3, gt=0, le=1)  # share of drifted features that makes the feature group drift
+    oov_delta: float = Field(0.10, gt=0)  # rise of the out-of-vocabulary rate that counts as text drift
+    js_threshold: float = Field(0.10, gt=0)  # Jensen-Shannon divergence of tokens that counts as text drift
+    spam_rate_delta: float = Field(0.15, gt=0)  # change of the predicted spam rate that counts as prediction drift
+    top_tokens: int = Field(300, ge=1)  # tokens kept individually in the token distribution
+    feedback_hours: float = Field(168.0, gt=0)  # labelled feedback younger than this counts for accuracy
+    min_feedback: int = Field(20, ge=1)  # fewer labels: no accuracy figure
+    pushgateway: str | None = Field(None, validation_alias="SPAM_MLOPS_PUSHGATEWAY_URL")  # where metrics go
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.window_hours <= 0 and self.window_messages <= 0:
+            raise ValueError("the window is empty: SPAM_MLOPS_DRIFT_WINDOW_HOURS and _WINDOW_MESSAGES are both 0")
+        return self
+
+# %% ../nbs/08_config.ipynb #53aa1d04
+class RetrainSettings(Section):
+    "What a drift alarm starts (`spam_mlops.retrain`): where training runs, its policy and its templates."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_RETRAIN_")
+
+    mode: Literal["local", "kubernetes", "off"] = "local"  # train here, submit a RayJob, or only report
+    tune: bool = False  # a tuning search instead of one training run
+    cooldown_hours: float = Field(24.0, ge=0)  # no new retraining this long after the last one
+    lock_ttl_hours: float = Field(6.0, gt=0)  # a lock older than this is taken as stale
+    train_config: dict = Field(default_factory=dict)  # JSON: training config overrides
+    train_sample_n: int = Field(0, ge=0)  # 0: all rows
+    train_workers: int = Field(1, ge=1)  # Ray Train workers of a local retrain
+    namespace: str | None = None  # Kubernetes namespace of the RayJobs (default: the pod's own)
+    template: str = "spam-train"  # ConfigMap holding the RayJob template
+    manifest: str | None = None  # a RayJob template file instead of the ConfigMap
+
+# %% ../nbs/08_config.ipynb #032b9773
+class BackupSettings(Section):
+    "Backups of MLflow (`spam_mlops.backup`): the database, the artifact store, where backups go."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_BACKUP_")
+
+    db: str | None = Field(None, repr=False)  # MLflow database URL (may carry a password)
+    artifacts: str | None = None  # artifact store root
+    dest: str | None = None  # backup location: a folder or s3://bucket/prefix
+    dump: str | None = None  # a pg_dump -Fc file made beforehand, instead of running pg_dump here
