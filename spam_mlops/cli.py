@@ -1,10 +1,12 @@
 """The `spam-mlops` command: one subcommand per stage, and `run` to execute a notebook under papermill.
 
-Each subcommand reads the configuration from the environment, runs one stage and prints one summary line.
-Any known failure (bad configuration, a missing file, an unreachable server) ends with a non-zero exit
-and one clear line on stderr, never a traceback. `spam-mlops run NOTEBOOK -p NAME VALUE ...` executes a
-numbered notebook with papermill (parameters go to its `parameters` cell; `RUN=True` is implied) and keeps
-the executed notebook in the lake under `runs/`, the record of that run: this is what the Kubernetes Jobs do.
+Each subcommand reads the configuration from the environment (through `spam_mlops.config`), runs one stage and
+prints one summary line. Any known failure (bad configuration, a missing file, an unreachable server) ends with a
+non-zero exit and one clear line on stderr, never a traceback. The console stays quiet: the start-up logs of
+TensorFlow, absl, Ray and MLflow are held back unless `spam-mlops -v ...` asks for them; progress bars stay.
+`spam-mlops run NOTEBOOK -p NAME VALUE ...` executes a numbered notebook with papermill (parameters go to its
+`parameters` cell; `RUN=True` is implied) and keeps the executed notebook in the lake under `runs/`, the record of
+that run: this is what the Kubernetes Jobs do.
 
 Docs: https://spam-mlops.github.io/spam_mlops/cli.html.md"""
 
@@ -13,24 +15,34 @@ Docs: https://spam-mlops.github.io/spam_mlops/cli.html.md"""
 # %% ../nbs/10_cli.ipynb #ee20f246
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
+import sys
 import tempfile
+import warnings
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .config import SpamMlopsError, get_settings
+from .config import (BackupSettings, DriftSettings, RetrainSettings, SpamMlopsError, env_name,
+                               get_settings)
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['app', 'command', 'ingest', 'curate', 'features', 'feast_apply', 'materialize', 'train', 'tune', 'serve', 'drift',
-           'backup', 'restore', 'run', 'main']
+__all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'command', 'quiet_console', 'import_tensorflow', 'ingest', 'curate', 'features',
+           'feast_apply', 'materialize', 'FeaturesSource', 'train', 'tune', 'serve', 'drift', 'backup', 'restore',
+           'run', 'main']
 
 # %% ../nbs/10_cli.ipynb #e06fc9e6
 app = typer.Typer(help="spam_mlops: a literate MLOps system for SMS spam detection.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+_CONSOLE = {"verbose": False}
+
 
 def _fail(msg: str):
     typer.secho(f"error: {msg}", fg="red", err=True)
@@ -46,6 +58,61 @@ def command(name: str | None = None, **kw):
             except SpamMlopsError as e: _fail(str(e))
         return app.command(name, **kw)(wrapper)
     return deco
+
+# %% ../nbs/10_cli.ipynb #b8d4f0e2
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # TensorFlow's C++ log lines (CPU instructions, kernel fallbacks)
+    "GRPC_VERBOSITY": "ERROR",  # gRPC's, inside TensorFlow and Ray
+    "RAY_LOGGER_LEVEL": "error",  # the driver's `ray` logger: "Started a local Ray instance", the token notice
+    "MLFLOW_LOGGING_LEVEL": "ERROR",  # MLflow's INFO and WARNING lines (database set-up, pickling notes)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's download bars (the stages' own bars stay)
+    "PYTHONWARNINGS": "ignore",  # library warnings in the processes started from here (Ray workers, kernels)
+}
+QUIET_LOGGERS = ("absl", "mlflow", "alembic", "ray", "feast")
+
+
+def _no_warning(*args, **kwargs): pass
+
+
+def quiet_console() -> None:
+    "Silence the start-up logs of TensorFlow, absl, Ray and MLflow here and in the processes started from here."
+    os.environ.update(QUIET_ENV)  # setting, not reading: the libraries read them when they are imported
+    for name in QUIET_LOGGERS: logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")  # spam_mlops itself warns of nothing: its failures are errors
+    warnings.showwarning = _no_warning  # MLflow turns its own back on inside `catch_warnings()`
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    "File descriptor 2 into a temporary file (C++ libraries write there directly), replayed if an error escapes."
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try: yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def import_tensorflow() -> None:
+    "Import TensorFlow now: with its import-time C++ lines held back, unless `-v` was given."
+    if _CONSOLE["verbose"]: return
+    with _stderr_held(): import tensorflow  # noqa: F401
+
+# %% ../nbs/10_cli.ipynb #c9e5a1f3
+@app.callback()
+def _console(verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                                   help="Show the start-up logs of TensorFlow, absl, Ray and MLflow")]
+             = False):
+    "spam_mlops: a literate MLOps system for SMS spam detection."
+    _CONSOLE["verbose"] = verbose
+    if not verbose: quiet_console()
 
 # %% ../nbs/10_cli.ipynb #b342b7e3
 @command()
@@ -77,40 +144,56 @@ def feast_apply():
 
 
 @command()
-def materialize(full: Annotated[bool, typer.Option("--full", help="Every row, not only those since the last run")] = False):
+def materialize(full: Annotated[bool, typer.Option("--full", help="Every row, not only those since the last run")]
+                = False):
     "Copy the latest features of each message into the online store (SQLite, or Redis)."
     from spam_mlops.feature_store import materialize as run
     print(run(get_settings(), incremental=not full))
 
 # %% ../nbs/10_cli.ipynb #8605403b
+class FeaturesSource(StrEnum):
+    "Where training reads its frame."
+    feast = "feast"  # Feast's historical retrieval (feast-apply first)
+    lake = "lake"  # the lake's tables joined directly
+
+
 @command()
 def train(epochs: Annotated[int | None, typer.Option(help="Maximum epochs (early stopping may end sooner)")] = None,
           workers: Annotated[int, typer.Option(help="Ray Train workers, 1 CPU each (0: in-process, no Ray)")] = 1,
           sample: Annotated[int | None, typer.Option(help="Train on a stratified sample of this many messages")] = None,
           seed: Annotated[int, typer.Option(help="Random seed")] = 42,
-          features_source: Annotated[str, typer.Option(help="feast: Feast historical retrieval (feast-apply first); lake: join the lake's tables directly")] = "feast"):
+          features_source: Annotated[FeaturesSource, typer.Option(help="feast: Feast historical retrieval; "
+                                                                  "lake: join the lake's tables")]
+          = FeaturesSource.feast):
     "Train the LSTM (Ray Train), log the run to MLflow beside the baseline, register it and gate the champion."
+    import_tensorflow()
     from spam_mlops.train import train as run
-    print(run(get_settings(), {"seed": seed} | ({"epochs": epochs} if epochs else {}), sample_n=sample, workers=workers,
-              features_source=features_source))
+    config = {"seed": seed} | ({"epochs": epochs} if epochs else {})
+    print(run(get_settings(), config, sample_n=sample, workers=workers, features_source=features_source.value))
 
+# %% ../nbs/10_cli.ipynb #c5e1a7f9
 @command()
 def tune(num_samples: Annotated[int, typer.Option(help="Trials to run")] = 20,
          epochs: Annotated[int, typer.Option(help="Epoch budget per trial (ASHA's max_t)")] = 8,
          grace_period: Annotated[int, typer.Option(help="Epochs every trial gets before ASHA may stop it")] = 2,
          reduction_factor: Annotated[float, typer.Option(help="ASHA reduction factor")] = 3,
-         concurrency: Annotated[int | None, typer.Option(help="Trials at once (default: as many as the CPUs allow)")] = None,
-         metric: Annotated[str, typer.Option(help="Validation metric: val_loss, val_accuracy, val_mcc, val_pr_auc")] = "val_loss",
+         concurrency: Annotated[int | None, typer.Option(help="Trials at once (default: as many as the CPUs allow)")]
+         = None,
+         metric: Annotated[str, typer.Option(help="Validation metric: val_loss, val_accuracy, val_mcc, val_pr_auc")]
+         = "val_loss",
          sample_n: Annotated[int | None, typer.Option(help="Use a stratified sample of this many messages")] = None,
-         space: Annotated[str | None, typer.Option(help='Search space as JSON, e.g. \'{"lstm_units": ["choice", [20, 50]]}\'')] = None,
-         name: Annotated[str | None, typer.Option(help="Search name: its state is runs/tune/<name> in the lake")] = None,
+         space: Annotated[str | None, typer.Option(help="Search space as JSON, e.g. "
+                                                   '\'{"lstm_units": ["choice", [20, 50]]}\'')] = None,
+         name: Annotated[str | None, typer.Option(help="Search name: its state is runs/tune/<name> in the lake")]
+         = None,
          resume: Annotated[bool, typer.Option("--resume", help="Resume the search NAME from the lake")] = False,
          retrain: Annotated[bool, typer.Option(help="Retrain, register and gate the winner")] = True):
     "Ray Tune search with ASHA, tracked in MLflow; the winner is retrained, registered and gated."
     import json
-    from spam_mlops.tune import TuneError, search
     try: sp = json.loads(space) if space else None
-    except json.JSONDecodeError as e: raise TuneError(f"--space is not valid JSON: {e}") from None
+    except json.JSONDecodeError as e: _fail(f"--space is not valid JSON: {e}")
+    import_tensorflow()
+    from spam_mlops.tune import search
     print(search(get_settings(), space=sp, metric=metric, num_samples=num_samples, epochs=epochs,
                  grace_period=grace_period, reduction_factor=reduction_factor, concurrency=concurrency,
                  sample_n=sample_n, name=name, resume=resume, retrain=retrain, verbose=1))
@@ -118,63 +201,84 @@ def tune(num_samples: Annotated[int, typer.Option(help="Trials to run")] = 20,
 # %% ../nbs/10_cli.ipynb #28a3a724
 @command()
 def serve(port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
-          host: Annotated[str, typer.Option(help="Bind address")] = "0.0.0.0",  # nosec B104: a server's job; the Service/NetworkPolicy limit who reaches it
+          host: Annotated[str, typer.Option(help="Bind address")] = "0.0.0.0",  # nosec B104: the Service limits who
           replicas: Annotated[int, typer.Option(help="Ray Serve replicas")] = 1,
-          model_uri: Annotated[str | None, typer.Option(help="Override SPAM_MLOPS_MODEL_URI: models:/name@alias or a .keras path")] = None,
+          model_uri: Annotated[str | None, typer.Option(help="Override SPAM_MLOPS_SERVE_MODEL_URI: models:/name@alias "
+                                                        "or a .keras path")] = None,
           metrics_port: Annotated[int, typer.Option(help="Ray's Prometheus metrics port")] = 8080,
-          tls_cert: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS only (SPAM_MLOPS_TLS_CERT)")] = None,
-          tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert (SPAM_MLOPS_TLS_KEY)")] = None):
+          tls_cert: Annotated[str | None, typer.Option(help="PEM certificate: serve HTTPS only "
+                                                       "(SPAM_MLOPS_SERVE_TLS_CERT)")] = None,
+          tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert (SPAM_MLOPS_SERVE_TLS_KEY)")]
+          = None):
     "Serve the prediction API (Ray Serve, HAProxy ingress; Ray's Python proxy with TLS) until Ctrl-C or SIGTERM."
+    import_tensorflow()
     from spam_mlops.serve import run_server
     run_server(get_settings(), port=port, host=host, replicas=replicas, model_uri=model_uri, metrics_port=metrics_port,
                tls_cert=tls_cert, tls_key=tls_key)
 
 # %% ../nbs/10_cli.ipynb #872b55b1
+def _given(**kw) -> dict:
+    "The options that were given (not None), as settings overrides."
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 @command()
-def drift(hours: Annotated[float | None, typer.Option(help="Window: predictions of the last N hours (SPAM_MLOPS_DRIFT_WINDOW_HOURS, 24)")] = None,
-          messages: Annotated[int | None, typer.Option(help="Window: the last N messages instead (SPAM_MLOPS_DRIFT_WINDOW_MESSAGES)")] = None,
-          retrain: Annotated[str | None, typer.Option(help="On drift: local, kubernetes or off (SPAM_MLOPS_DRIFT_RETRAIN, local)")] = None,
-          model_uri: Annotated[str | None, typer.Option(help="Baseline model (default models:/<SPAM_MLOPS_MODEL_NAME>@champion)")] = None,
-          demo_traffic: Annotated[int, typer.Option(help="First log N held-out messages scored by the champion (make demo)")] = 0):
+def drift(hours: Annotated[float | None, typer.Option(help="Window: predictions of the last N hours "
+                                                      "(SPAM_MLOPS_DRIFT_WINDOW_HOURS, 24)")] = None,
+          messages: Annotated[int | None, typer.Option(help="Window: the last N messages instead "
+                                                       "(SPAM_MLOPS_DRIFT_WINDOW_MESSAGES)")] = None,
+          retrain: Annotated[str | None, typer.Option(help="On drift: local, kubernetes or off "
+                                                      "(SPAM_MLOPS_RETRAIN_MODE, local)")] = None,
+          model_uri: Annotated[str | None, typer.Option(help="Baseline model "
+                                                        "(default models:/<SPAM_MLOPS_MODEL_NAME>@champion)")] = None,
+          demo_traffic: Annotated[int, typer.Option(help="First log N held-out messages scored by the champion "
+                                                    "(make demo)")] = 0):
     """Test the production window (the lake's predictions/) against the champion's training baseline; write the
     report to drift/ and MLflow, push metrics (SPAM_MLOPS_PUSHGATEWAY_URL), retrain on significant drift."""
-    from spam_mlops.drift import DriftConfig, simulate_traffic
+    if hours is not None and messages is None: messages = 0
+    s, cfg = get_settings(), get_settings(DriftSettings, **_given(window_hours=hours, window_messages=messages))
+    retrain_cfg = get_settings(RetrainSettings, **_given(mode=retrain))
+    import_tensorflow()
     from spam_mlops.drift import drift as run
-    s = get_settings()
-    if demo_traffic: print(f"demo traffic: {simulate_traffic(s, demo_traffic)}")
-    if hours is not None and messages is None: messages = 0  # an explicit --hours wins over SPAM_MLOPS_DRIFT_WINDOW_MESSAGES
-    print(run(s, DriftConfig.from_env(window_hours=hours, window_messages=messages, retrain=retrain), model_uri=model_uri))
+    if demo_traffic:
+        from spam_mlops.demo import simulate_traffic
+        print(f"demo traffic: {simulate_traffic(s, demo_traffic)}")
+    print(run(s, cfg, retrain_cfg, model_uri=model_uri))
 
 # %% ../nbs/10_cli.ipynb #1a1d28a3
-def _env_or(value: str | None, var: str) -> str:
-    import os
-    value = value or os.environ.get(var)
-    if not value: _fail(f"give --{var.rsplit('_', 1)[1].lower()} or set {var}")
-    return value
+def _backup_settings(*needed: str, **given) -> BackupSettings:
+    "Backup settings: the options given over SPAM_MLOPS_BACKUP_*; fail naming a needed one that has no value."
+    b = get_settings(BackupSettings, **_given(**given))
+    for name in needed:
+        if not getattr(b, name): _fail(f"give --{name} or set {env_name(BackupSettings, name)}")
+    return b
 
 
 @command()
 def backup(db: Annotated[str | None, typer.Option(help="MLflow database URL (SPAM_MLOPS_BACKUP_DB)")] = None,
-           artifacts: Annotated[str | None, typer.Option(help="Artifact store root (SPAM_MLOPS_BACKUP_ARTIFACTS)")] = None,
+           artifacts: Annotated[str | None, typer.Option(help="Artifact store root (SPAM_MLOPS_BACKUP_ARTIFACTS)")]
+           = None,
            dest: Annotated[str | None, typer.Option(help="Backup location (SPAM_MLOPS_BACKUP_DEST)")] = None,
-           dump: Annotated[str | None, typer.Option(help="A pg_dump -Fc file made beforehand, instead of running pg_dump here (SPAM_MLOPS_BACKUP_DUMP)")] = None):
+           dump: Annotated[str | None, typer.Option(help="A pg_dump -Fc file made beforehand, instead of running "
+                                                    "pg_dump here (SPAM_MLOPS_BACKUP_DUMP)")] = None):
     "Back up MLflow: pg_dump of its database and a copy of its artifact store, with checksums."
-    import os
     from spam_mlops.backup import backup as run
-    print(run(_env_or(db, "SPAM_MLOPS_BACKUP_DB"), _env_or(artifacts, "SPAM_MLOPS_BACKUP_ARTIFACTS"),
-              _env_or(dest, "SPAM_MLOPS_BACKUP_DEST"), get_settings(), dump_file=dump or os.environ.get("SPAM_MLOPS_BACKUP_DUMP")))
+    b = _backup_settings("db", "artifacts", "dest", db=db, artifacts=artifacts, dest=dest, dump=dump)
+    print(run(b.db, b.artifacts, b.dest, get_settings(), dump_file=b.dump))
 
 
 @command()
-def restore(location: Annotated[str | None, typer.Argument(help="A backup folder; default: the newest under --dest")] = None,
+def restore(location: Annotated[str | None, typer.Argument(help="A backup folder; default: the newest under --dest")]
+            = None,
             db: Annotated[str | None, typer.Option(help="MLflow database URL (SPAM_MLOPS_BACKUP_DB)")] = None,
-            artifacts: Annotated[str | None, typer.Option(help="Artifact store root (SPAM_MLOPS_BACKUP_ARTIFACTS)")] = None,
+            artifacts: Annotated[str | None, typer.Option(help="Artifact store root (SPAM_MLOPS_BACKUP_ARTIFACTS)")]
+            = None,
             dest: Annotated[str | None, typer.Option(help="Backup location (SPAM_MLOPS_BACKUP_DEST)")] = None):
     "Restore MLflow from a backup after verifying its checksums."
     from spam_mlops.backup import latest_backup, restore as run
-    s = get_settings()
-    location = location or latest_backup(_env_or(dest, "SPAM_MLOPS_BACKUP_DEST"), s)
-    print(run(location, _env_or(db, "SPAM_MLOPS_BACKUP_DB"), _env_or(artifacts, "SPAM_MLOPS_BACKUP_ARTIFACTS"), s))
+    s, b = get_settings(), _backup_settings("db", "artifacts", *([] if location else ["dest"]),
+                                            db=db, artifacts=artifacts, dest=dest)
+    print(run(location or latest_backup(b.dest, s), b.db, b.artifacts, s))
 
 # %% ../nbs/10_cli.ipynb #58d09bc1
 def _value(v: str):
@@ -194,26 +298,31 @@ def _parameters(args: list[str]) -> dict:
         params[name] = _value(value)
     return params
 
+# %% ../nbs/10_cli.ipynb #d2f8b4a6
+def _execute(path: Path, out: Path, params: dict) -> str | None:
+    "Run the notebook `path` into `out` under papermill; None, or why it failed."
+    import papermill as pm
+    try: pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(Path.cwd()), progress_bar=True,
+                             language="python", kernel_name="python3")
+    except pm.PapermillExecutionError as e: return f"{path.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}"
+    return None
+
 
 @command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(ctx: typer.Context,
         notebook: Annotated[str, typer.Argument(help="Notebook name, e.g. 00_ingest (folder: SPAM_MLOPS_NOTEBOOKS)")]):
     """Execute a notebook under papermill (parameters as `-p NAME VALUE`, repeatable) and keep the executed
     copy in the lake under runs/."""
-    import papermill as pm
     s = get_settings()
     path = Path(s.notebooks) / (notebook if notebook.endswith(".ipynb") else f"{notebook}.ipynb")
     if not path.is_file(): _fail(f"notebook not found: {path}")
     params = {"RUN": True} | _parameters(ctx.args)
-    lake = Lake.from_settings(s)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / path.name
-        failed = None
-        try: pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(Path.cwd()), progress_bar=True, language="python",
-                                 kernel_name="python3")
-        except pm.PapermillExecutionError as e: failed = f"{path.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}"
-        record = lake.write_bytes(f"runs/{stamp}-{path.stem}{'-FAILED' if failed else ''}.ipynb", out.read_bytes())
+        failed = _execute(path, out, params)
+        name = f"runs/{stamp}-{path.stem}{'-FAILED' if failed else ''}.ipynb"
+        record = Lake.from_settings(s).write_bytes(name, out.read_bytes())
     if failed: _fail(f"{failed} (executed notebook: {record})")
     print(f"run: {path.name} succeeded with {params}; executed notebook: {record}")
 
