@@ -1,5 +1,5 @@
-"""Unit tests of spam_mlops.drift on a real lake folder: windows, tests, decision, bad input, feedback accuracy,
-the retraining guard and the RayJob the drift job would create in a cluster (checked offline)."""
+"""Unit tests of spam_mlops.drift and spam_mlops.retrain on a real lake folder: windows, tests, decision, bad input,
+feedback accuracy, the retraining guard and the RayJob the drift job would create in a cluster (checked offline)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,20 +12,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from support import free_port
 
 from spam_mlops import drift as dr
-from spam_mlops.config import get_settings
+from spam_mlops import predlog
+from spam_mlops import retrain as rt
+from spam_mlops.config import ConfigError, DriftSettings, RetrainSettings, get_settings
 from spam_mlops.curate import clean_text
+from spam_mlops.demo import foreign_texts, sms_like
 from spam_mlops.features import compute_features
 from spam_mlops.lake import Lake
-from spam_mlops.serve import prediction_table
+from spam_mlops.predlog import prediction_table
+from spam_mlops.profile import profile_from_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
 
 
 def _keyword_model(clean):
-    return np.array([0.9 if any(w in s.split() for w in ("win", "won", "free", "claim", "prize", "xphone")) else 0.1 for s in clean])
+    spammy = ("win", "won", "free", "claim", "prize", "xphone")
+    return np.array([0.9 if any(w in s.split() for w in spammy) else 0.1 for s in clean])
 
 
 def _frame(df):
@@ -36,15 +42,16 @@ def _frame(df):
 
 @pytest.fixture(scope="module")
 def profile():
-    parts = {"train": _frame(dr.sms_like(2000, 1)), "val": _frame(dr.sms_like(400, 2))}
+    parts = {"train": _frame(sms_like(2000, 1)), "val": _frame(sms_like(400, 2))}
     vocab = sorted({t for s in parts["train"].clean_text for t in s.split()})
-    return dr.profile_from_parts(parts, vocab, _keyword_model, model={"name": "demo", "version": "7", "run_id": None})
+    return profile_from_parts(parts, vocab, _keyword_model, model={"name": "demo", "version": "7", "run_id": None})
 
 
 def _rows(texts, start, minutes=60.0, version="7"):
     p = _keyword_model(clean_text(pd.Series(list(texts), dtype=object)).tolist())
     ts = [start + timedelta(seconds=minutes * 60 * i / len(p)) for i in range(len(p))]
-    return prediction_table([(t, uuid.uuid4().hex, x, float(q), "spam" if q >= .5 else "ham", version) for t, x, q in zip(ts, texts, p, strict=True)])
+    return prediction_table([(t, uuid.uuid4().hex, x, float(q), "spam" if q >= .5 else "ham", version)
+                             for t, x, q in zip(ts, texts, p, strict=True)])
 
 
 @pytest.fixture
@@ -57,46 +64,61 @@ def _put(lake, df, name, day=NOW):
     return lake.write_parquet(f"predictions/dt={day:%Y-%m-%d}/{name}.parquet", df)
 
 
-CFG = dr.DriftConfig(window_hours=3, min_messages=200)
+def drift_cfg(**kw) -> DriftSettings:
+    "The drift settings of these tests (a 3-hour window, 200 messages at least), plus `kw`."
+    return get_settings(DriftSettings, **({"window_hours": 3, "min_messages": 200} | kw))
 
 
-def test_config_from_env(monkeypatch):
+def retrain_cfg(**kw) -> RetrainSettings:
+    return get_settings(RetrainSettings, **kw)
+
+
+CFG, RETRAIN = drift_cfg(), retrain_cfg()
+
+
+def test_settings_from_env(monkeypatch):
+    "The stage's two sections, read from their own variables; a bad value names the variable."
     monkeypatch.setenv("SPAM_MLOPS_DRIFT_WINDOW_MESSAGES", "750")
-    monkeypatch.setenv("SPAM_MLOPS_DRIFT_RETRAIN", "kubernetes")
+    monkeypatch.setenv("SPAM_MLOPS_RETRAIN_MODE", "kubernetes")
     monkeypatch.setenv("SPAM_MLOPS_PUSHGATEWAY_URL", "http://pushgateway:9091")
-    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TUNE", "yes")
-    c = dr.DriftConfig.from_env(min_messages=50)
-    assert (c.window_messages, c.retrain, c.pushgateway, c.tune, c.min_messages) == (750, "kubernetes", "http://pushgateway:9091", True, 50)
-    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TUNE", "maybe")
-    with pytest.raises(dr.DriftError, match="SPAM_MLOPS_DRIFT_TUNE"): dr.DriftConfig.from_env()
-    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TUNE", "0")
-    monkeypatch.setenv("SPAM_MLOPS_DRIFT_TRAIN_CONFIG", "{not json")
-    with pytest.raises(dr.DriftError, match="TRAIN_CONFIG"): dr.DriftConfig.from_env()
+    monkeypatch.setenv("SPAM_MLOPS_RETRAIN_TUNE", "yes")
+    c, r = get_settings(DriftSettings, min_messages=50), get_settings(RetrainSettings)
+    assert (c.window_messages, c.pushgateway, c.min_messages) == (750, "http://pushgateway:9091", 50)
+    assert (r.mode, r.tune) == ("kubernetes", True)
+    monkeypatch.setenv("SPAM_MLOPS_RETRAIN_TUNE", "maybe")
+    with pytest.raises(ConfigError, match="SPAM_MLOPS_RETRAIN_TUNE"): get_settings(RetrainSettings)
+    monkeypatch.setenv("SPAM_MLOPS_RETRAIN_TUNE", "0")
+    monkeypatch.setenv("SPAM_MLOPS_RETRAIN_TRAIN_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="SPAM_MLOPS_RETRAIN_TRAIN_CONFIG"): get_settings(RetrainSettings)
+    monkeypatch.delenv("SPAM_MLOPS_RETRAIN_TRAIN_CONFIG")
+    with pytest.raises(ConfigError, match="SPAM_MLOPS_RETRAIN_MODE"): get_settings(RetrainSettings, mode="cluster")
 
 
 def test_window_by_hours_and_by_messages(env):
     _, lake = env
-    _put(lake, _rows(dr.sms_like(50, 1).text, NOW - timedelta(days=1, hours=5)), "old", NOW - timedelta(days=1))
-    _put(lake, _rows(dr.sms_like(100, 2).text, NOW - timedelta(hours=2)), "a")
-    _put(lake, _rows(dr.sms_like(100, 3).text, NOW - timedelta(minutes=50), minutes=40), "b")
-    w, info = dr.read_predictions(lake, hours=3, now=NOW)
+    _put(lake, _rows(sms_like(50, 1).text, NOW - timedelta(days=1, hours=5)), "old", NOW - timedelta(days=1))
+    _put(lake, _rows(sms_like(100, 2).text, NOW - timedelta(hours=2)), "a")
+    _put(lake, _rows(sms_like(100, 3).text, NOW - timedelta(minutes=50), minutes=40), "b")
+    w, info = predlog.read_predictions(lake, hours=3, now=NOW)
     assert len(w) == 200 and info["files"] == 2 and w.timestamp.is_monotonic_increasing
-    w, _ = dr.read_predictions(lake, hours=48, now=NOW)
+    w, _ = predlog.read_predictions(lake, hours=48, now=NOW)
     assert len(w) == 250
-    w, _ = dr.read_predictions(lake, last_n=120, now=NOW)
+    w, _ = predlog.read_predictions(lake, last_n=120, now=NOW)
     assert len(w) == 120 and w.timestamp.min() >= NOW - timedelta(hours=2)
-    assert w.timestamp.is_monotonic_increasing and (w.timestamp.max() == pd.Timestamp(NOW - timedelta(minutes=50) + timedelta(minutes=40 * 99 / 100)))
+    last = pd.Timestamp(NOW - timedelta(minutes=50) + timedelta(minutes=40 * 99 / 100))
+    assert w.timestamp.is_monotonic_increasing and w.timestamp.max() == last
 
 
 def test_quiet_and_drifted_windows(profile):
-    quiet = dr.run_tests(_rows(dr.sms_like(500, 11).text, NOW), profile, CFG)
+    quiet = dr.run_tests(_rows(sms_like(500, 11).text, NOW), profile, CFG)
     assert not dr.decide(quiet, CFG)["drift_detected"]
     assert {t["test"] for t in quiet} == {"psi", "ks", "chi2", "oov_rate_delta", "js", "spam_rate_delta"}
-    foreign = dr.run_tests(_rows(dr.foreign_texts(500, 11), NOW), profile, CFG)
+    foreign = dr.run_tests(_rows(foreign_texts(500, 11), NOW), profile, CFG)
     d = dr.decide(foreign, CFG)
-    assert d["drift_detected"] and d["groups"]["text"] and d["groups"]["feature"] and "text_length" in d["drifted_features"]
+    assert d["drift_detected"] and d["groups"]["text"] and d["groups"]["feature"]
+    assert "text_length" in d["drifted_features"]
     # prediction drift alone: same texts, but the model now says spam for everything
-    w = _rows(dr.sms_like(500, 12).text, NOW).assign(spam_probability=0.95, prediction="spam")
+    w = _rows(sms_like(500, 12).text, NOW).assign(spam_probability=0.95, prediction="spam")
     d = dr.decide(dr.run_tests(w, profile, CFG), CFG)
     assert d["groups"] == {"feature": False, "text": False, "prediction": True}
     # no logged text (SPAM_MLOPS_LOG_TEXT=false): text tests skipped and said so
@@ -108,13 +130,14 @@ def test_quiet_and_drifted_windows(profile):
 def test_bad_input_reports_status_and_retrains_nothing(env, profile, case):
     settings, lake = env
     calls = []
-    if case == "too_few_messages": _put(lake, _rows(dr.sms_like(150, 1).text, NOW - timedelta(hours=1)), "a")
+    if case == "too_few_messages": _put(lake, _rows(sms_like(150, 1).text, NOW - timedelta(hours=1)), "a")
     if case in ("corrupt_predictions", "missing_columns"):
-        _put(lake, _rows(dr.foreign_texts(400, 1), NOW - timedelta(hours=1)), "a")  # drifted: would retrain if tested
-        if case == "corrupt_predictions": lake.write_bytes(f"predictions/dt={NOW:%Y-%m-%d}/b.parquet", b"PAR1 truncated")
+        _put(lake, _rows(foreign_texts(400, 1), NOW - timedelta(hours=1)), "a")  # drifted: would retrain if tested
+        if case == "corrupt_predictions":
+            lake.write_bytes(f"predictions/dt={NOW:%Y-%m-%d}/b.parquet", b"PAR1 truncated")
         else: _put(lake, pd.DataFrame({"timestamp": [NOW], "text": ["x"]}), "b")
     with pytest.raises(dr.DriftInputError) as e:
-        dr.drift(settings, CFG, NOW, profile=profile, run_local=lambda s, c: calls.append(1), mlflow_log=False)
+        dr.drift(settings, CFG, RETRAIN, NOW, profile=profile, run_local=lambda s, c: calls.append(1), mlflow_log=False)
     status = "corrupt_predictions" if case == "missing_columns" else case
     assert e.value.status == status and "report:" in str(e.value)
     rep = lake.read_json(dr.LATEST)
@@ -125,31 +148,33 @@ def test_bad_input_reports_status_and_retrains_nothing(env, profile, case):
 
 def test_missing_baseline_when_no_model_is_registered(env):
     settings, lake = env
-    _put(lake, _rows(dr.sms_like(300, 1).text, NOW - timedelta(hours=1)), "a")
+    _put(lake, _rows(sms_like(300, 1).text, NOW - timedelta(hours=1)), "a")
     with pytest.raises(dr.DriftInputError, match="missing_baseline: no registered model"):
-        dr.drift(settings, CFG, NOW, mlflow_log=False)
+        dr.drift(settings, CFG, RETRAIN, NOW, mlflow_log=False)
     assert lake.read_json(dr.LATEST)["status"] == "missing_baseline"
 
 
 def test_drift_triggers_exactly_one_retraining(env, profile):
     settings, lake = env
-    calls, cfg = [], CFG.with_(window_hours=12)
+    calls, cfg = [], drift_cfg(window_hours=12)
     trainer = lambda s, c: calls.append(c) or {"run_id": "r", "version": "8", "gate": "promoted"}
-    _put(lake, _rows(dr.foreign_texts(400, 2), NOW - timedelta(hours=1)), "a")
-    first = dr.drift(settings, cfg, NOW, profile=profile, run_local=trainer, mlflow_log=False)
+    _put(lake, _rows(foreign_texts(400, 2), NOW - timedelta(hours=1)), "a")
+    first = dr.drift(settings, cfg, RETRAIN, NOW, profile=profile, run_local=trainer, mlflow_log=False)
     assert first.report["retraining"]["action"] == "finished" and first.report["retraining"]["version"] == "8"
-    second = dr.drift(settings, cfg, NOW + timedelta(hours=1), profile=profile, run_local=trainer, mlflow_log=False)
+    second = dr.drift(settings, cfg, RETRAIN, NOW + timedelta(hours=1), profile=profile, run_local=trainer,
+                      mlflow_log=False)
     assert second.report["decision"]["drift_detected"] and "cool-down" in second.report["retraining"]["reason"]
     assert len(calls) == 1 and "DRIFT" in str(second)
-    state = lake.read_json(dr.STATE)
-    assert state["last_report"] == first.report["id"] and state["running"] is False and not lake.exists(dr.LOCK)
-    failing = dr.drift(settings, cfg.with_(cooldown_hours=0.5), NOW + timedelta(hours=2), profile=profile,
-                       run_local=lambda s, c: calls.append(1) or {"run_id": "r", "version": "9", "gate": "rejected"}, mlflow_log=False)
+    state = lake.read_json(rt.STATE)
+    assert state["last_report"] == first.report["id"] and state["running"] is False and not lake.exists(rt.LOCK)
+    rejected = lambda s, c: calls.append(1) or {"run_id": "r", "version": "9", "gate": "rejected"}
+    failing = dr.drift(settings, cfg, retrain_cfg(cooldown_hours=0.5), NOW + timedelta(hours=2), profile=profile,
+                       run_local=rejected, mlflow_log=False)
     assert failing.report["retraining"]["gate"] == "rejected" and len(calls) == 2
     with pytest.raises(dr.DriftError, match="retraining failed: RuntimeError: boom"):
-        dr.drift(settings, cfg.with_(cooldown_hours=0), NOW + timedelta(hours=3), profile=profile,
+        dr.drift(settings, cfg, retrain_cfg(cooldown_hours=0), NOW + timedelta(hours=3), profile=profile,
                  run_local=lambda s, c: (_ for _ in ()).throw(RuntimeError("boom")), mlflow_log=False)
-    assert lake.read_json(dr.LATEST)["status"] == "retrain_failed" and not lake.exists(dr.LOCK)
+    assert lake.read_json(dr.LATEST)["status"] == "retrain_failed" and not lake.exists(rt.LOCK)
 
 
 def test_lock_is_exclusive_under_concurrency(env):
@@ -159,7 +184,7 @@ def test_lock_is_exclusive_under_concurrency(env):
 
     def take(i):
         barrier.wait()
-        results.append(dr.acquire_lock(lake, f"p{i}", NOW, 6)[0])
+        results.append(rt.acquire_lock(lake, f"p{i}", NOW, 6)[0])
     threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
     for t in threads: t.start()
     for t in threads: t.join()
@@ -168,21 +193,23 @@ def test_lock_is_exclusive_under_concurrency(env):
 
 def test_feedback_accuracy(env):
     _, lake = env
-    logged = _rows(dr.sms_like(60, 4).text, NOW - timedelta(hours=2)).drop_duplicates("message_id").reset_index(drop=True)
+    logged = _rows(sms_like(60, 4).text, NOW - timedelta(hours=2)).drop_duplicates("message_id").reset_index(drop=True)
     _put(lake, logged, "a")
     truth = logged.prediction.tolist()
     wrong = ["ham" if p == "spam" else "spam" for p in truth]
-    dr.write_feedback(lake, logged.message_id[:30], truth[:30], NOW - timedelta(hours=1))
-    lake.write_parquet("feedback/manual.parquet", pd.DataFrame({"message_id": logged.message_id[30:40], "label": wrong[30:40]}))
+    predlog.write_feedback(lake, logged.message_id[:30], truth[:30], NOW - timedelta(hours=1))
+    manual = pd.DataFrame({"message_id": logged.message_id[30:40], "label": wrong[30:40]})
+    lake.write_parquet("feedback/manual.parquet", manual)
     lake.write_bytes("feedback/broken.csv", b"id;lab\n1;2\n")
     lake.write_bytes("feedback/extra.csv", b"message_id,label\nabc,maybe\nzzz,spam\n")
-    cfg = dr.DriftConfig(min_feedback=20)
+    cfg = drift_cfg(min_feedback=20)
     acc = dr.feedback_accuracy(lake, cfg, NOW)
     assert acc["status"] == "ok" and acc["labelled"] == 40 and acc["accuracy"] == pytest.approx(30 / 40)
     assert acc["invalid_rows"] == 1 and acc["bad_files"][0]["file"] == "feedback/broken.csv"
-    assert dr.feedback_accuracy(lake, cfg.with_(min_feedback=41), NOW)["status"] == "too_few_labels"
-    assert dr.feedback_accuracy(lake, cfg.with_(feedback_hours=1), NOW)["labelled"] == 0  # predictions older than the window
-    with pytest.raises(dr.DriftError, match="ham or spam"): dr.write_feedback(lake, ["x"], ["SPAM!"])
+    assert dr.feedback_accuracy(lake, drift_cfg(min_feedback=41), NOW)["status"] == "too_few_labels"
+    # predictions older than the window
+    assert dr.feedback_accuracy(lake, drift_cfg(feedback_hours=1), NOW)["labelled"] == 0
+    with pytest.raises(predlog.FeedbackError, match="ham or spam"): predlog.write_feedback(lake, ["x"], ["SPAM!"])
 
 
 def _validator():
@@ -195,16 +222,19 @@ def _validator():
 @pytest.mark.parametrize("tune", [False, True])
 def test_training_job_from_repo_manifest(tune):
     from kubernetes.client import ApiClient
-    cfg = dr.DriftConfig(training_manifest=str(ROOT / "k8s" / "base" / "training-job.yaml"), tune=tune)
+    cfg = retrain_cfg(manifest=str(ROOT / "k8s" / "base" / "training-job.yaml"), tune=tune)
     name = "spam-tune" if tune else "spam-train"
-    job = dr.training_job(dr.load_template(cfg, name), "r1", NOW)
+    template = rt.load_template(cfg, name)
+    job = rt.training_job(template, "r1", NOW)
     assert job["metadata"]["name"] == f"{name}-drift-20260304120000" and len(job["metadata"]["name"]) <= 47
-    assert job["spec"]["suspend"] is False and job["spec"]["entrypoint"] == f"spam-mlops run {'05_tune' if tune else '04_train'}"
-    assert job["metadata"]["labels"]["spam-mlops/trigger"] == "drift" and job["metadata"]["annotations"] == {"spam-mlops/drift-report": "r1"}
+    assert job["spec"]["suspend"] is False and job["spec"]["entrypoint"] == template["spec"]["entrypoint"]
+    assert job["spec"]["entrypoint"].startswith(f"spam-mlops run {'05' if tune else '04'}")
+    assert job["metadata"]["labels"]["spam-mlops/trigger"] == "drift"
+    assert job["metadata"]["annotations"] == {"spam-mlops/drift-report": "r1"}
     v = _validator()
     assert v.check_rayjob(job) == [] and v.check_hardening(job) == []
     assert ApiClient().sanitize_for_serialization(job) == json.loads(json.dumps(job))
-    with pytest.raises(dr.DriftError, match="no RayJob named nope"): dr.load_template(cfg, "nope")
+    with pytest.raises(rt.RetrainError, match="no RayJob named nope"): rt.load_template(cfg, "nope")
 
 
 class RecordingApi:
@@ -237,49 +267,54 @@ def test_kubernetes_retraining_creates_one_clean_rayjob(env, profile):
     template["metadata"]["labels"]["app.kubernetes.io/instance"] = "spam-detection"
     template["status"] = {"jobDeploymentStatus": "Suspended"}
     api = RecordingApi(template)
-    cfg = CFG.with_(retrain="kubernetes", k8s_namespace="spam-mlops")
-    _put(lake, _rows(dr.foreign_texts(400, 3), NOW - timedelta(hours=1)), "a")
-    rep = dr.drift(settings, cfg, NOW, profile=profile, mlflow_log=False, k8s_api=api)
+    k8s = retrain_cfg(mode="kubernetes", namespace="spam-mlops")
+    k8s_now = retrain_cfg(mode="kubernetes", namespace="spam-mlops", cooldown_hours=0)
+    _put(lake, _rows(foreign_texts(400, 3), NOW - timedelta(hours=1)), "a")
+    rep = dr.drift(settings, CFG, k8s, NOW, profile=profile, mlflow_log=False, k8s_api=api)
     assert rep.report["retraining"]["action"] == "started" and len(api.created) == 1
     ns, body = api.created[0]
     assert ns == "spam-mlops" and body["metadata"]["name"] == rep.report["retraining"]["rayjob"]
-    assert set(body) == {"apiVersion", "kind", "metadata", "spec"} and set(body["metadata"]) == {"name", "labels", "annotations"}
+    assert set(body) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(body["metadata"]) == {"name", "labels", "annotations"}
     assert "app.kubernetes.io/instance" not in body["metadata"]["labels"] and body["spec"]["suspend"] is False
     # a started job still running blocks the next one even after the cool-down
-    api.running = [{"metadata": {"name": body["metadata"]["name"]}, "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}}]
-    rep = dr.drift(settings, cfg.with_(cooldown_hours=0), NOW + timedelta(hours=1), profile=profile, mlflow_log=False, k8s_api=api)
-    assert rep.report["retraining"]["action"] == "skipped" and "still running" in rep.report["retraining"]["reason"] and len(api.created) == 1
+    running = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    api.running = [{"metadata": {"name": body["metadata"]["name"]}, "status": running}]
+    rep = dr.drift(settings, CFG, k8s_now, NOW + timedelta(hours=1), profile=profile, mlflow_log=False, k8s_api=api)
+    assert rep.report["retraining"]["action"] == "skipped" and "still running" in rep.report["retraining"]["reason"]
+    assert len(api.created) == 1
     api.running[0]["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
-    rep = dr.drift(settings, cfg.with_(cooldown_hours=0), NOW + timedelta(hours=2), profile=profile, mlflow_log=False, k8s_api=api)
+    rep = dr.drift(settings, CFG, k8s_now, NOW + timedelta(hours=2), profile=profile, mlflow_log=False, k8s_api=api)
     assert rep.report["retraining"]["action"] == "started" and len(api.created) == 2
 
 
 def test_metrics_registry_names(profile):
     from prometheus_client import generate_latest
-    tests = dr.run_tests(_rows(dr.foreign_texts(300, 4), NOW), profile, CFG)
+    tests = dr.run_tests(_rows(foreign_texts(300, 4), NOW), profile, CFG)
     rep = {"tests": tests, "decision": dr.decide(tests, CFG), "finished_at_unix": 1.7e9, "accuracy": {"accuracy": 0.9}}
     text = generate_latest(dr.metrics_registry(rep)).decode()
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    assert names == {"spam_drift_score", "spam_drift_detected", "spam_drift_last_run_timestamp_seconds", "spam_model_accuracy"}
+    assert names == {"spam_drift_score", "spam_drift_detected", "spam_drift_last_run_timestamp_seconds",
+                     "spam_model_accuracy"}
     assert text.count("spam_drift_score{") == len(tests) and "spam_drift_detected 1.0" in text
     assert "spam_drift_last_run_timestamp_seconds 1.7e+09" in text
 
 
 def test_unexpected_failure_still_leaves_a_report(env, profile):
     settings, lake = env
-    _put(lake, _rows(dr.sms_like(300, 5).text, NOW - timedelta(hours=1)), "a")
+    _put(lake, _rows(sms_like(300, 5).text, NOW - timedelta(hours=1)), "a")
     broken = {k: v for k, v in profile.items() if k != "text"}  # e.g. a profile written by an older version
     with pytest.raises(dr.DriftError, match="drift failed: KeyError"):
-        dr.drift(settings, CFG, NOW, profile=broken, run_local=lambda s, c: pytest.fail("retrained"), mlflow_log=False)
+        dr.drift(settings, CFG, RETRAIN, NOW, profile=broken, run_local=lambda s, c: pytest.fail("retrained"),
+                 mlflow_log=False)
     rep = lake.read_json(dr.LATEST)
     assert rep["status"] == "error" and "KeyError" in rep["message"] and "retraining" not in rep
 
 
 def test_unreachable_registry_is_a_missing_baseline(env):
-    from spam_mlops.serve import free_port
     settings, lake = env
-    _put(lake, _rows(dr.sms_like(300, 6).text, NOW - timedelta(hours=1)), "a")
+    _put(lake, _rows(sms_like(300, 6).text, NOW - timedelta(hours=1)), "a")
     s = get_settings(lake=settings.lake, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(dr.DriftInputError, match="missing_baseline: the MLflow registry .* does not answer"):
-        dr.drift(s, CFG, NOW)
+    with pytest.raises(dr.DriftInputError, match="missing_baseline: MLflow tracking server .* does not answer"):
+        dr.drift(s, CFG, RETRAIN, NOW)
     assert lake.read_json(dr.LATEST)["status"] == "missing_baseline"
