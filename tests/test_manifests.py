@@ -11,15 +11,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require
+from support import BIN, ManagedServer, free_port, pg_exec, require
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -35,7 +33,8 @@ def tool(name: str) -> str:
 
 def tools_python() -> str:
     py = vm.tools_bin() / "python"
-    return require(str(py) if py.is_file() else None, "tools venv", f"run scripts/install-tools.sh ({vm.tools_bin().parent})")
+    hint = f"run scripts/install-tools.sh ({vm.tools_bin().parent})"
+    return require(str(py) if py.is_file() else None, "tools venv", hint)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def objects(docs, kind):
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-# ---- rendering and schemas ----------------------------------------------------------------------------------
+# ---- rendering and schemas -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_the_whole_system(rendered, overlay):
     docs = rendered[overlay]
@@ -64,12 +63,14 @@ def test_overlay_renders_the_whole_system(rendered, overlay):
             ("CronJob", "drift-detection"), ("Role", "spam-drift-retrain"), ("NetworkPolicy", "default-deny-all")}
     assert want <= kinds, f"missing from {overlay}: {sorted(want - kinds)}"
     if overlay == "prod":
-        assert {("Rollout", "spam-api"), ("AnalysisTemplate", "spam-api-canary"), ("Service", "spam-api-canary")} <= kinds
+        canary = {("Rollout", "spam-api"), ("AnalysisTemplate", "spam-api-canary"), ("Service", "spam-api-canary")}
+        assert canary <= kinds
 
 
 @pytest.fixture(scope="module")
 def builtin_validation(rendered) -> dict[str, tuple[list[str], list[str]]]:
-    "kubernetes-validate --strict of every overlay, in one run of the tools venv's Python: overlay -> (problems, custom)."
+    """kubernetes-validate --strict of every overlay, in one run of the tools venv's Python:
+    overlay -> (problems, custom)."""
     code = ("import json,sys; sys.path.insert(0, sys.argv[1]); import validate_manifests as vm; "
             "print(json.dumps({o: vm.validate_builtin(docs) for o, docs in json.load(sys.stdin).items()}))")
     out = subprocess.run([tools_python(), "-c", code, str(ROOT / "scripts")], input=json.dumps(rendered),
@@ -150,7 +151,7 @@ def test_hardening_check_can_fail(rendered):
     assert "readinessProbe missing" in msgs and "limits.cpu missing" in msgs and "allowPrivilegeEscalation" in msgs
 
 
-# ---- what the manifests promise ---------------------------------------------------------------------------------
+# ---- what the manifests promise --------------------------------------------------------------------------------------
 def test_serving_ingress_pdb_hpa(rendered):
     for o in OVERLAYS:
         ing = objects(rendered[o], "Ingress")["spam-api"]
@@ -167,13 +168,15 @@ def test_serving_ingress_pdb_hpa(rendered):
     # in prod the Rollout owns the pods: the HPA scales it and the Deployment only lends its template
     assert objects(prod, "HorizontalPodAutoscaler")["spam-api"]["spec"]["scaleTargetRef"]["kind"] == "Rollout"
     assert objects(prod, "Deployment")["spam-api"]["spec"]["replicas"] == 0
-    assert objects(rendered["local"], "HorizontalPodAutoscaler")["spam-api"]["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    hpa = objects(rendered["local"], "HorizontalPodAutoscaler")["spam-api"]
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
 
 
 def test_pipeline_jobs_and_schedules(rendered):
     docs = rendered["prod"]
     jobs = objects(docs, "Job")
-    stages = {n: j["spec"]["template"]["spec"]["containers"][0]["args"] for n, j in jobs.items() if n.startswith("pipeline-")}
+    stages = {n: j["spec"]["template"]["spec"]["containers"][0]["args"] for n, j in jobs.items()
+              if n.startswith("pipeline-")}
     assert stages == {f"pipeline-{s}": ["spam-mlops", "run", nb] for s, nb in
                       [("ingest", "00_ingest"), ("curate", "01_curate"), ("features", "02_features"),
                        ("materialize", "03_feature_store")]}
@@ -186,7 +189,8 @@ def test_pipeline_jobs_and_schedules(rendered):
     assert order == ["00_ingest", "01_curate", "02_features", "03_feature_store"]
     drift = cron["drift-detection"]
     assert drift["spec"]["schedule"] == "0 */6 * * *"
-    assert drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["spam-mlops", "run", "07_drift"]
+    drift_args = drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert drift_args == ["spam-mlops", "run", "07_drift"]
     rj = objects(docs, "RayJob")
     assert rj["spam-train"]["spec"]["entrypoint"] == "spam-mlops run 04_train"
     assert rj["spam-tune"]["spec"]["entrypoint"] == "spam-mlops run 05_tune"
@@ -194,7 +198,8 @@ def test_pipeline_jobs_and_schedules(rendered):
 
 
 def test_bucket_init_creates_prefixes(rendered):
-    script = objects(rendered["local"], "Job")["minio-bucket-init"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    init = objects(rendered["local"], "Job")["minio-bucket-init"]
+    script = init["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert "mc mb --ignore-existing" in script
     prefixes = re.search(r"for prefix in ([\w ]+); do", script).group(1).split()
     assert {"raw", "curated", "features"} <= set(prefixes)
@@ -283,27 +288,30 @@ def test_secrets_referenced_are_documented_never_committed(rendered):
         elif isinstance(x, list):
             for v in x: walk(v)
     for o in OVERLAYS: walk(rendered[o])
-    template = {d["metadata"]["name"]: d for d in yaml.safe_load_all((ROOT / "k8s" / "secrets.example.yaml").read_text())}
+    example = (ROOT / "k8s" / "secrets.example.yaml").read_text()
+    template = {d["metadata"]["name"]: d for d in yaml.safe_load_all(example)}
     runbook = (ROOT / "nbs" / "explanations" / "runbook.md").read_text()
     for name, key in refs:
         assert name in template, f"Secret {name} is not in k8s/secrets.example.yaml"
         if key: assert key in template[name]["stringData"], f"{name}.{key} missing from the template"
         assert name in runbook, f"Secret {name} is not documented in the runbook"
     assert all(v == "CHANGE_ME" for d in template.values() for v in d["stringData"].values())
-    tracked = subprocess.run(["git", "ls-files", "k8s", "argocd"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "k8s", "argocd"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
     for f in tracked:
         if f.endswith((".yaml", ".yml")) and f != "k8s/secrets.example.yaml":
             kinds = {d.get("kind") for d in yaml.safe_load_all((ROOT / f).read_text()) if isinstance(d, dict)}
             assert "Secret" not in kinds, f"{f} defines a Secret"
 
 
-# ---- checkov, hadolint, shellcheck ----------------------------------------------------------------------------------
+# ---- checkov, hadolint, shellcheck -----------------------------------------------------------------------------------
 def _checkov(args: list[str]) -> dict:
     out = subprocess.run([tool("checkov"), *args, "--skip-download", "--quiet", "--compact", "-o", "json"],
                          capture_output=True, text=True, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
     report = json.loads(out.stdout)
-    return report if isinstance(report, dict) else {"results": {"failed_checks": [f for r in report for f in r["results"]["failed_checks"]]},
-                                                    "summary": {"failed": sum(r["summary"]["failed"] for r in report)}}
+    if isinstance(report, dict): return report
+    return {"results": {"failed_checks": [f for r in report for f in r["results"]["failed_checks"]]},
+            "summary": {"failed": sum(r["summary"]["failed"] for r in report)}}
 
 
 def test_checkov_k8s_zero_failed(rendered, tmp_path):
@@ -358,7 +366,7 @@ def test_shellcheck_scripts():
     assert out.returncode == 0, out.stdout
 
 
-# ---- images ------------------------------------------------------------------------------------------------------------
+# ---- images ----------------------------------------------------------------------------------------------------------
 def test_top_level_dockerfile_is_the_serve_image():
     assert (ROOT / "Dockerfile").read_bytes() == (ROOT / "docker" / "Dockerfile.serve").read_bytes()
 
@@ -377,7 +385,8 @@ def test_dockerfiles_multistage_pinned_nonroot(name):
 
 
 def test_dockerignore_keeps_build_inputs_only():
-    lines = [x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip() and not x.startswith("#")]
+    lines = [x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines()
+             if x.strip() and not x.startswith("#")]
     assert lines[0] == "**"
     copied = set()
     for f in (ROOT / "docker").glob("Dockerfile.*"):
@@ -388,14 +397,15 @@ def test_dockerignore_keeps_build_inputs_only():
         assert (ROOT / path).exists() or path in ("constraints.txt", "README.md"), path
 
 
-# ---- CI workflow and deploy script --------------------------------------------------------------------------------------
+# ---- CI workflow and deploy script -----------------------------------------------------------------------------------
 def test_ci_workflow_builds_and_bumps_the_prod_tag(tmp_path):
     wf = yaml.safe_load((ROOT / ".github" / "workflows" / "ci-cd.yaml").read_text())
     jobs = wf["jobs"]
     assert {"test", "images", "bump-prod"} <= set(jobs)
     assert jobs["images"]["needs"] == "test" and jobs["bump-prod"]["needs"] == "images"
     build = next(s for s in jobs["images"]["steps"] if s.get("uses", "").startswith("docker/build-push-action"))
-    built = {build["with"]["file"].replace("${{ matrix.image }}", m) for m in jobs["images"]["strategy"]["matrix"]["image"]}
+    images = jobs["images"]["strategy"]["matrix"]["image"]
+    built = {build["with"]["file"].replace("${{ matrix.image }}", m) for m in images}
     assert built == {"docker/Dockerfile.jobs", "docker/Dockerfile.serve"} and all((ROOT / f).is_file() for f in built)
     assert build["with"]["push"] is True and "sha-${{ github.sha }}" in build["with"]["tags"]
     # the bump step's command, run here on a copy of the repo's overlay, changes exactly the two tags
@@ -419,14 +429,15 @@ def test_deploy_dry_run_renders_and_validates_without_a_cluster():
     out = subprocess.run(["bash", "scripts/deploy.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK: every overlay renders and validates" in out.stdout and "dry run OK" in out.stdout
-    bad = subprocess.run(["bash", "scripts/deploy.sh", "--dry-run", "staging"], cwd=ROOT, capture_output=True, text=True, env=env)
+    bad = subprocess.run(["bash", "scripts/deploy.sh", "--dry-run", "staging"], cwd=ROOT, capture_output=True,
+                         text=True, env=env)
     assert bad.returncode != 0 and "no overlay 'staging'" in bad.stderr
     # without --dry-run it needs a cluster, and says so before touching anything
     real = subprocess.run(["bash", "scripts/deploy.sh", "local"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert real.returncode == 1 and "no cluster reachable" in real.stderr
 
 
-# ---- the MLflow server exactly as the manifest starts it -----------------------------------------------------------------
+# ---- the MLflow server exactly as the manifest starts it -------------------------------------------------------------
 def _expand(arg: str, env: dict[str, str]) -> str:
     "Kubernetes' $(VAR) expansion of container args (unknown references stay as written, as the kubelet does)."
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
@@ -440,7 +451,7 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
     import uuid
 
     import boto3
-    from conftest import free_port, pg_exec
+    import requests
 
     dep = objects(rendered["local"], "Deployment")["mlflow"]
     c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -460,29 +471,18 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket="spam-mlops-lake")
     pg_exec(f"CREATE DATABASE {db}")
-    mlflow = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "mlflow.log", "wb")
-    proc = subprocess.Popen([str(mlflow), "server", *args], env={**os.environ, **env}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    srv = ManagedServer([BIN / "mlflow", "server", *args], f"{url}/health", tmp_path / "mlflow.log",
+                        env={**os.environ, **env}, name="mlflow (manifest args)")
     try:
-        import requests
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok: break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server not healthy in 120 s:\n" + (tmp_path / "mlflow.log").read_text()[-3000:])
+        srv.start(timeout=120)
         search = "/api/2.0/mlflow/experiments/search?max_results=1"
         for host in ("mlflow", "mlflow:5000", "mlflow.spam-mlops.svc.cluster.local:5000", "mlflow.spam-mlops:5000"):
             assert requests.get(url + search, headers={"Host": host}, timeout=10).status_code == 200, host
         assert requests.get(url + search, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
         svc = {"Host": "mlflow:5000"}  # what in-cluster clients send (MLFLOW_TRACKING_URI=http://mlflow:5000)
-        r = requests.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "manifest-check"}, headers=svc, timeout=10)
+        r = requests.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "manifest-check"}, headers=svc,
+                          timeout=10)
         assert r.ok, r.text
         exp = requests.get(f"{url}/api/2.0/mlflow/experiments/get", params={"experiment_id": r.json()["experiment_id"]},
                            headers=svc, timeout=10).json()["experiment"]
@@ -492,14 +492,49 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
         assert metrics.status_code == 200, metrics.text[:200]
         assert re.search(r"^mlflow_\w+", metrics.text, re.M), metrics.text[:500]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try: proc.wait(30)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        srv.stop(timeout=30)
         pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
-# ---- NetworkPolicies, evaluated: the flows the system needs pass, others do not ----------------------------------------
+def _set_variables(docs: list[dict]) -> set[str]:
+    "Every variable a rendered object sets: container `env` entries and ConfigMap keys, anywhere in the object."
+    out: set[str] = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            env = x.get("env")
+            if isinstance(env, list): out.update(e["name"] for e in env if isinstance(e, dict) and "name" in e)
+            for v in x.values(): walk(v)
+        elif isinstance(x, list):
+            for v in x: walk(v)
+    for d in docs:
+        walk(d)
+        if d["kind"] == "ConfigMap": out |= set(d.get("data") or {})
+    return out
+
+
+def _known_variables() -> set[str]:
+    "The variables spam_mlops.config reads: every field of Settings and of each section, by its env name."
+    from pydantic import AliasChoices
+
+    from spam_mlops import config
+    out = set()
+    for cls in (config.Settings, config.ServeSettings, config.DriftSettings, config.RetrainSettings,
+                config.BackupSettings):
+        for name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            out |= set(map(str, alias.choices)) if isinstance(alias, AliasChoices) else {config.env_name(cls, name)}
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_spam_mlops_variable_is_one_config_reads(rendered, overlay):
+    "A renamed or mistyped SPAM_MLOPS_* variable in a manifest would be ignored silently: none may be unknown."
+    unknown = {v for v in _set_variables(rendered[overlay]) if v.startswith("SPAM_MLOPS_")} - _known_variables()
+    assert not unknown, f"{overlay} sets variables spam_mlops.config does not read: {sorted(unknown)}"
+
+
+# ---- NetworkPolicies, evaluated: the flows the system needs pass, others do not --------------------------------------
 def _matches(selector: dict, labels: dict) -> bool:
     "A label selector (matchLabels, matchExpressions with In/NotIn/Exists/DoesNotExist) against labels."
     if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()): return False
@@ -521,8 +556,10 @@ def _peer_ok(peer: dict, other: dict, own_ns: str) -> bool:
 
 
 def _allowed(policies: list[dict], pod: dict, direction: str, other: dict, port: int, ns: str) -> bool:
-    "Kubernetes semantics: isolated in a direction iff some policy selecting the pod has that type; then any rule may allow."
-    selecting = [p for p in policies if _matches(p["spec"]["podSelector"], pod) and direction in p["spec"]["policyTypes"]]
+    """Kubernetes semantics: isolated in a direction iff some policy selecting the pod has that type; then any
+    rule may allow."""
+    selecting = [p for p in policies
+                 if _matches(p["spec"]["podSelector"], pod) and direction in p["spec"]["policyTypes"]]
     if not selecting: return True
     key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     for p in selecting:
@@ -557,12 +594,14 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
         inn = dst == "dns" or _allowed(policies, pods[dst], "Ingress", s, port, ns)
         return out and inn
     needed = [("ingress", "spam-api", 8000), ("spam-api", "mlflow", 5000), ("spam-api", "minio", 9000),
-              ("spam-train-head", "mlflow", 5000), ("spam-train-head", "minio", 9000), ("spam-train", "spam-train-head", 6379),
-              ("spam-tune-head", "spam-tune", 10002), ("spam-pipeline", "minio", 9000), ("spam-pipeline", "redis", 6379),
+              ("spam-train-head", "mlflow", 5000), ("spam-train-head", "minio", 9000),
+              ("spam-train", "spam-train-head", 6379), ("spam-tune-head", "spam-tune", 10002),
+              ("spam-pipeline", "minio", 9000), ("spam-pipeline", "redis", 6379),
               ("spam-pipeline", "internet", 443), ("mlflow", "postgres", 5432), ("mlflow", "minio", 9000),
               ("spam-drift", "minio", 9000), ("spam-drift", "mlflow", 5000), ("spam-drift", "pushgateway", 9091),
               ("spam-drift", "internet", 443), ("prometheus", "spam-api", 8080), ("prometheus", "mlflow", 5000),
-              ("prometheus", "pushgateway", 9091), ("prometheus", "spam-train-head", 8080), ("prometheus", "minio", 9000),
+              ("prometheus", "pushgateway", 9091), ("prometheus", "spam-train-head", 8080),
+              ("prometheus", "minio", 9000),
               ("grafana", "prometheus", 9090), ("minio-bucket-init", "minio", 9000), ("spam-api", "dns", 53),
               ("spam-backup", "postgres", 5432), ("spam-backup", "minio", 9000)]
     refused = [("spam-api", "postgres", 5432), ("spam-api", "redis", 6379), ("spam-api", "internet", 443),
@@ -579,9 +618,10 @@ def test_audit_log_reaches_the_pod_log(rendered):
     """The API's replicas write audit lines to /proc/1/fd/1, the stdout of the container's first process: shown here
     with bash as that process and a Python child whose own stdout goes nowhere."""
     api = objects(rendered["prod"], "Deployment")["spam-api"]["spec"]["template"]["spec"]["containers"][0]
-    path = {e["name"]: e.get("value") for e in api["env"]}["SPAM_MLOPS_AUDIT_LOG"]
+    from spam_mlops.config import ServeSettings, env_name
+    path = {e["name"]: e.get("value") for e in api["env"]}[env_name(ServeSettings, "audit_log")]
     assert path == "/proc/1/fd/1"
-    child = ("import sys, time; from spam_mlops.serve import AuditLog; a = AuditLog(path=sys.argv[1]); "
+    child = ("import sys, time; from spam_mlops.predlog import AuditLog; a = AuditLog(path=sys.argv[1]); "
              "a.record(time.time(), 'req-1', 'POST', '/api/predict', 200, 0.004, '3', b'secret-key'); a.close()")
     out = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "{child}" "/proc/$$/fd/1" >/dev/null; echo exit=$?'],
                          capture_output=True, text=True, timeout=120)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import require
+from support import PROMETHEUS_HINT, free_port, prometheus_server, require, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MON = ROOT / "monitoring"
@@ -33,7 +32,7 @@ ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
 
 def need(name: str) -> str:
     "A Debian prometheus binary (see conftest.require)."
-    return require(shutil.which(name), name, "run scripts/install-tools.sh (Debian package prometheus)")
+    return require(shutil.which(name), name, PROMETHEUS_HINT)
 
 
 def metric_table() -> dict[str, tuple[str, list[str]]]:
@@ -97,7 +96,8 @@ def test_promtool_check_rules():
 
 
 def test_promtool_unit_tests():
-    out = subprocess.run([need("promtool"), "test", "rules", "alert-rules.test.yaml"], cwd=MON, capture_output=True, text=True)
+    out = subprocess.run([need("promtool"), "test", "rules", "alert-rules.test.yaml"], cwd=MON, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
 
@@ -135,9 +135,11 @@ def test_prometheus_config_is_valid(tmp_path):
     assert set(sd_jobs) == {"spam-api", "ray", "mlflow"}
     cfg["rule_files"] = [str(RULES)]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([need("promtool"), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    out = subprocess.run([need("promtool"), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    api = next(j for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"] if j["job_name"] == "spam-api")
+    jobs = yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"]
+    api = next(j for j in jobs if j["job_name"] == "spam-api")
     assert {"rollouts_pod_template_hash", "pod"} <= {r.get("target_label") for r in api["relabel_configs"]}
 
 
@@ -172,24 +174,19 @@ def test_dashboard_covers_the_required_panels():
     titles = " | ".join(t for t, _ in panel_queries()).lower()
     for need_ in ("p50 / p95 / p99", "error rate", "throughput", "accuracy trend", "drift scores", "model version"):
         assert need_ in titles, need_
-    ds = yaml.safe_load((MON / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())["datasources"][0]
+    provisioned = MON / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
+    ds = yaml.safe_load(provisioned.read_text())["datasources"][0]
     for f in DASHBOARDS:
         for p in json.loads(f.read_text())["panels"]:
             if p["type"] != "row": assert p["datasource"]["uid"] == ds["uid"]
 
 
-# ---- a real Prometheus -------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# ---- a real Prometheus --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exporter():
     "A synthetic exporter of every metric in the table, moving like a live API; yields its port."
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-    reg, port, metrics = CollectorRegistry(), _free_port(), {}
+    reg, port, metrics = CollectorRegistry(), free_port(), {}
     for name, (kind, labels) in metric_table().items():
         if kind == "counter": metrics[name] = Counter(name.removesuffix("_total"), name, labels, registry=reg)
         elif kind == "histogram":
@@ -234,36 +231,17 @@ def exporter():
 @pytest.fixture(scope="module")
 def prometheus(exporter, tmp_path_factory):
     "A real Prometheus scraping the exporter every second and evaluating the rules; yields its base URL."
-    binary = need("prometheus")
-    d, port = tmp_path_factory.mktemp("prometheus"), _free_port()
+    need("prometheus")
     cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
            "scrape_configs": [{"job_name": "spam-api", "honor_labels": True, "static_configs": [{
                "targets": [f"127.0.0.1:{exporter}"],
                # what the kubernetes_sd relabelling adds in the cluster
                "labels": {"pod": "spam-api-abc123-x", "rollouts_pod_template_hash": "abc123"}}]}]}
-    (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    log = open(d / "log.txt", "w")
-    proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            assert proc.poll() is None, (d / "log.txt").read_text()[-2000:]
-            try:
-                r = requests.get(f"{url}/api/v1/query", params={"query": "spam_api:latency_seconds:p95_5m"}, timeout=2)
-                if r.ok and r.json()["data"]["result"]: break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("recording rules produced no data within 60 s:\n" + (d / "log.txt").read_text()[-2000:])
+    with prometheus_server(tmp_path_factory.mktemp("prometheus"), cfg) as srv:
+        try: wait_until(lambda: _query(srv.url, "spam_api:latency_seconds:p95_5m"), 60, "recording rules' first data")
+        except TimeoutError as e: pytest.fail(f"{e}\n{srv.log_tail(2000)}")
         time.sleep(3)  # a few more evaluations, so every recorded series has samples
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+        yield srv.url
 
 
 def _query(url: str, expr: str) -> list:

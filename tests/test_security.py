@@ -48,7 +48,8 @@ def test_no_secret_in_the_history(tmp_path):
                          cwd=ROOT, capture_output=True,
                          check=True).stdout.decode("utf-8", "replace")
     added = tmp_path / "history.txt"
-    added.write_text("\n".join(line[1:] for line in log.splitlines() if line.startswith("+") and not line.startswith("+++")))
+    lines = [line[1:] for line in log.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    added.write_text("\n".join(lines))
     unknown = [s for s in _scan(added) if s["hashed_secret"] not in _baseline_hashes()]
     assert not unknown, f"possible credentials in git history: {unknown}"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import boto3
 import pytest
+from support import free_port
 
 from spam_mlops.config import get_settings
 from spam_mlops.curate import CURATED, curate
@@ -39,7 +40,6 @@ def test_source_from_s3(s3_env, tmp_path, corpus):
 
 
 def test_unreachable_s3_is_a_clear_error(monkeypatch, corpus):
-    from conftest import free_port
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")

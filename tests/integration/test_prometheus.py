@@ -1,8 +1,8 @@
-"""The monitoring stack against the real system: a real Prometheus (Debian's `prometheus`) loads monitoring/alert-rules.yaml
-and scrapes the running Ray Serve API's metrics endpoint and a real Pushgateway (Debian's `prometheus-pushgateway`);
-traffic goes through the API (whose prediction log lands in the lake), the drift stage runs on that log and pushes its
-scores, decision and feedback accuracy; then every Grafana panel query, every alert expression and every Argo Rollouts
-analysis query runs against Prometheus's HTTP API.
+"""The monitoring stack against the real system: a real Prometheus (Debian's `prometheus`) loads
+monitoring/alert-rules.yaml and scrapes the running Ray Serve API's metrics endpoint and a real Pushgateway (Debian's
+`prometheus-pushgateway`); traffic goes through the API (whose prediction log lands in the lake), the drift stage
+runs on that log and pushes its scores, decision and feedback accuracy; then every Grafana panel query, every alert
+expression and every Argo Rollouts analysis query runs against Prometheus's HTTP API.
 
 Expectations, stated per query: every query must succeed. Panels and analysis queries must return data. Alert
 expressions return data only when their condition holds; here the window is foreign text (drift detected) and the
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,15 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from support import (
+    ManagedServer,
+    demo_model,
+    free_port,
+    pipeline_settings,
+    prometheus_server,
+    pushgateway_server,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,44 +58,28 @@ with requests.Session() as s:
             except requests.RequestException as e: k = type(e).__name__
             counts[k] = counts.get(k, 0) + 1
         i += 1
-        if time.time() - last > 1: open(out + ".tmp", "w").write(json.dumps(counts)); __import__("os").replace(out + ".tmp", out); last = time.time()
+        if time.time() - last > 1:
+            open(out + ".tmp", "w").write(json.dumps(counts))
+            __import__("os").replace(out + ".tmp", out)
+            last = time.time()
         time.sleep(0.05)
 """
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if not path: pytest.fail(f"{name} not found: apt-get install prometheus prometheus-pushgateway")
-    return path
-
-
-def _wait(url: str, timeout: float = 60):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            if requests.get(url, timeout=2).ok: return
-        except requests.RequestException: pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not ready in {timeout} s")
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, corpus):
     "The Ray Serve API (HAProxy ingress) over a small demo model, logging predictions to a lake with the pipeline run."
     from spam_mlops import serve as sv
-    from spam_mlops.config import get_settings
-    from spam_mlops.curate import curate, read_curated
-    from spam_mlops.features import features
-    from spam_mlops.ingest import ingest
+    from spam_mlops.curate import read_curated
     from spam_mlops.lake import Lake
+    from spam_mlops.service import ServeConfig
     tmp = tmp_path_factory.mktemp("prom")
-    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-    ingest(settings); curate(settings); features(settings)
+    settings = pipeline_settings(tmp / "lake", corpus, mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     df = read_curated(Lake.from_settings(settings)).sample(1000, random_state=0)
-    model = sv.build_demo_model(df.text, (df.label == "spam").astype(int), epochs=1)
+    model = demo_model(df.text, (df.label == "spam").astype(int), epochs=1)
     model.save(tmp / "demo.keras")
-    port, metrics_port = sv.free_port(), sv.free_port()
-    cfg = sv.ServeConfig.from_env(settings, model_uri=str(tmp / "demo.keras"), poll_s=0, log_flush_s=1.0, api_keys=())
+    port, metrics_port = free_port(), free_port()
+    cfg = ServeConfig.from_settings(settings, model_uri=str(tmp / "demo.keras"), poll_s=0, log_flush_s=1.0, api_keys=())
     for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: a loaded machine may need more tries
         try:
             sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=metrics_port, num_cpus=2)
@@ -97,49 +89,34 @@ def api(tmp_path_factory, corpus):
             ray.shutdown()
             if "timed out during startup" not in str(e) or attempt == 2: raise
     try:
-        _wait(f"http://127.0.0.1:{port}/readyz", 180)
-        yield {"url": f"http://127.0.0.1:{port}", "metrics_port": metrics_port, "settings": settings, "model": model, "tmp": tmp}
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).ok, 180, "the API ready")
+        yield {"url": f"http://127.0.0.1:{port}", "metrics_port": metrics_port, "settings": settings, "model": model,
+               "tmp": tmp}
     finally: sv.stop_server()
 
 
 @pytest.fixture(scope="module")
 def pushgateway(tmp_path_factory):
-    from spam_mlops.serve import free_port
-    port = free_port()
-    proc = subprocess.Popen([_binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait(f"http://127.0.0.1:{port}/-/ready", 30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate(); proc.wait(10)
+    "A real Pushgateway; yields its URL."
+    with pushgateway_server(tmp_path_factory.mktemp("pushgateway")) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
 def prometheus(api, pushgateway, tmp_path_factory):
     "A real Prometheus with the repository's rules, scraping the API (as the canary revision) and the Pushgateway."
-    from spam_mlops.serve import free_port
     tmp = tmp_path_factory.mktemp("prometheus")
     rules = tmp / "alert-rules.yaml"
     shutil.copy(RULES, rules)
-    port = free_port()
+    api_target = {"targets": [f"127.0.0.1:{api['metrics_port']}"],
+                  "labels": {"pod": "spam-api-test-0", "rollouts_pod_template_hash": CANARY_HASH}}
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(rules)],
               "scrape_configs": [
-                  {"job_name": "spam-api", "static_configs": [{"targets": [f"127.0.0.1:{api['metrics_port']}"],
-                                                              "labels": {"pod": "spam-api-test-0", "rollouts_pod_template_hash": CANARY_HASH}}]},
+                  {"job_name": "spam-api", "static_configs": [api_target]},
                   {"job_name": "pushgateway", "honor_labels": True,
                    "static_configs": [{"targets": [pushgateway.removeprefix("http://")]}]}]}
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    check = subprocess.run([_binary("promtool"), "check", "config", str(tmp / "prometheus.yml")], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    log = open(tmp / "prometheus.log", "w")
-    proc = subprocess.Popen([_binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait(f"http://127.0.0.1:{port}/-/ready", 60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate(); proc.wait(10); log.close()
+    with prometheus_server(tmp, config) as srv:
+        yield srv.url
 
 
 def query(prom: str, expr: str) -> list:
@@ -194,15 +171,21 @@ def recorded_series(expr: str) -> set[str]:
 @pytest.fixture(scope="module")
 def traffic(api, prometheus, pushgateway):
     "Requests through the API (a client process keeps them flowing), then the drift stage on the logged window."
-    from spam_mlops import drift as dr
+    from spam_mlops.config import DriftSettings, RetrainSettings, get_settings
+    from spam_mlops.demo import foreign_texts
+    from spam_mlops.drift import drift
     from spam_mlops.lake import Lake
-    from spam_mlops.train import predict_texts, split_frame, training_frame
+    from spam_mlops.model import predict_texts
+    from spam_mlops.predlog import read_predictions, write_feedback
+    from spam_mlops.profile import model_vocabulary, profile_from_parts
+    from spam_mlops.train import split_frame, training_frame
     url = api["url"]
-    foreign = dr.foreign_texts(400, seed=5)
+    foreign = foreign_texts(400, seed=5)
     counts = api["tmp"] / "client-counts.json"
     # a separate process keeps requests flowing for the whole module (the 2- and 5-minute rates need a steady
     # stream; threads of this process stall while it holds the GIL in Ray's and TensorFlow's C code)
-    client = subprocess.Popen([sys.executable, "-c", CLIENT, url, str(counts)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = ManagedServer([sys.executable, "-c", CLIENT, url, counts], ready=lambda: True,
+                           log=api["tmp"] / "client.log", name="traffic client").start()
     try:
         for i in range(0, 400, 100):
             r = requests.post(f"{url}/api/predict/batch", json={"texts": foreign[i:i + 100]}, timeout=30)
@@ -211,36 +194,39 @@ def traffic(api, prometheus, pushgateway):
         settings = api["settings"]
         lake = Lake.from_settings(settings)
         m = api["model"]
-        profile = dr.profile_from_parts(split_frame(training_frame(lake=lake, source="lake")), dr.model_vocabulary(m), lambda x: predict_texts(m, x),
-                                        model={"name": "demo", "version": "demo.keras", "run_id": None})
+        parts = split_frame(training_frame(lake=lake, source="lake"))
+        profile = profile_from_parts(parts, model_vocabulary(m), lambda x: predict_texts(m, x),
+                                     model={"name": "demo", "version": "demo.keras", "run_id": None})
         end = time.time() + 60
-        while time.time() < end and len(dr.read_predictions(lake, hours=1)[0]) < 400: time.sleep(1)
-        logged, _ = dr.read_predictions(lake, hours=1)
+        while time.time() < end and len(read_predictions(lake, hours=1)[0]) < 400: time.sleep(1)
+        logged, _ = read_predictions(lake, hours=1)
         assert len(logged) >= 400
-        cfg = dr.DriftConfig(window_hours=1, min_messages=100, retrain="off", pushgateway=pushgateway, min_feedback=20)
+        cfg = get_settings(DriftSettings, window_hours=1, min_messages=100, pushgateway=pushgateway, min_feedback=20)
+        off = get_settings(RetrainSettings, mode="off")
         # feedback, first all correct (accuracy 1.0), pushed; then 1 in 5 wrong (0.8), pushed again
         once = logged.drop_duplicates("message_id").head(100)
         ids, preds = once.message_id.tolist(), once.prediction.tolist()
-        dr.write_feedback(lake, ids, preds)
-        first = dr.drift(settings, cfg, profile=profile, mlflow_log=False)
+        write_feedback(lake, ids, preds)
+        first = drift(settings, cfg, off, profile=profile, mlflow_log=False)
         assert first.report["accuracy"]["accuracy"] == 1.0 and first.report.get("pushed") == pushgateway
         wait_data(prometheus, "spam_model:accuracy == 1")
         flipped = [("ham" if p == "spam" else "spam") if i % 5 == 0 else p for i, p in enumerate(preds)]
-        dr.write_feedback(lake, ids, flipped)
-        second = dr.drift(settings, cfg, profile=profile, mlflow_log=False)
-        assert second.report["accuracy"]["accuracy"] == pytest.approx(0.8) and second.report["decision"]["drift_detected"]
+        write_feedback(lake, ids, flipped)
+        second = drift(settings, cfg, off, profile=profile, mlflow_log=False)
+        assert second.report["accuracy"]["accuracy"] == pytest.approx(0.8)
+        assert second.report["decision"]["drift_detected"]
         assert second.report["retraining"] == {"action": "disabled"}
         wait_data(prometheus, "spam_model:accuracy < 0.9")
         wait_data(prometheus, "spam_api:requests:rate5m")
         wait_data(prometheus, "spam_api:model_version:replicas")
         wait_data(prometheus, "spam_api:latency_seconds_by_revision:p95_2m")
         wait_data(prometheus, "spam_api:error_ratio_by_revision:rate2m")
-        while not counts.exists() and client.poll() is None: time.sleep(0.5)
+        wait_until(lambda: counts.exists() or not client.running, 30, "the client's first counts")
         sent = json.loads(counts.read_text())
         assert sent.get("200", 0) > 20 and sent.get("422", 0) > 2, sent
         yield {"report": second.report}
     finally:
-        client.terminate(); client.wait(10)
+        client.stop()
     sent = json.loads(counts.read_text())
     assert set(sent) <= {"200", "422"}, sent  # no 5xx and no client error during the whole module
 
@@ -251,7 +237,8 @@ def test_targets_up_and_rules_healthy(prometheus, traffic):
     groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
-    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not unhealthy, unhealthy
 
 
 def test_drift_metrics_pushed(prometheus, traffic):
@@ -266,12 +253,14 @@ def test_drift_metrics_pushed(prometheus, traffic):
 # spam_api_model_info only when a model is loaded or replaced: the "Model version served" panel is empty
 # whenever the model has not changed in the last half minute. The fix is in spam_mlops.serve (re-set the gauge
 # periodically); until then this panel is an expected failure, reported as XPASS if it ever returns data.
-MODEL_INFO_GAP = "ray drops ray_spam_api_model_info ~30 s after the API set it once (see spam_mlops.serve Metrics.model)"
+MODEL_INFO_GAP = ("ray drops ray_spam_api_model_info ~30 s after the API set it once "
+                  "(see spam_mlops.serve Metrics.model)")
 
 
 def _panel_params():
-    return [pytest.param(w, e, marks=pytest.mark.xfail(reason=MODEL_INFO_GAP, strict=False)) if "model_version:replicas" in e
-            else pytest.param(w, e) for w, e in panel_queries()]
+    gap = pytest.mark.xfail(reason=MODEL_INFO_GAP, strict=False)
+    return [pytest.param(w, e, marks=gap) if "model_version:replicas" in e else pytest.param(w, e)
+            for w, e in panel_queries()]
 
 
 @pytest.mark.parametrize("where,expr", _panel_params())
@@ -296,7 +285,8 @@ def test_every_alert_expression(prometheus, traffic, rule):
         assert res == [], f"{rule['alert']} holds unexpectedly: {res}"
     series = recorded_series(rule["expr"])
     assert series, rule["expr"]
-    for name in series: assert query(prometheus, name), f"{rule['alert']}: {name} has no data, so the alert could never fire"
+    for name in series:
+        assert query(prometheus, name), f"{rule['alert']}: {name} has no data, so the alert could never fire"
 
 
 def test_drift_alert_fires(prometheus, traffic):
