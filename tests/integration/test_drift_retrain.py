@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, corpus):
-    "A lake with the pipeline run, the Feast definitions applied (private repo) and a first champion trained in-process, MLflow on SQLite in tmp."
+def trained(tmp_path_factory, corpus):
+    """A lake with the pipeline run, the Feast definitions applied (private repo) and a first champion trained
+    in-process, MLflow on SQLite in tmp."""
     from spam_mlops.config import get_settings
     from spam_mlops.curate import curate
     from spam_mlops.feature_store import apply
@@ -28,17 +29,25 @@ def registry(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("drift-retrain")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     shutil.copytree(ROOT / "feature_repo", tmp / "feature_repo", ignore=shutil.ignore_patterns("data", "__pycache__"))
-    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db",
-                            feature_repo=str(tmp / "feature_repo"), online_store="sqlite")
-    ingest(settings); curate(settings); features(settings); apply(settings)
+    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus), feature_repo=str(tmp / "feature_repo"),
+                            mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db", online_store="sqlite")
+    for stage in (ingest, curate, features, apply): stage(settings)
     first = train(settings, config=TINY, sample_n=1500, workers=0, recall_floor=0.0)
     assert first.gate["decision"] == "promoted"
     return settings, first
 
 
 def _client(settings):
-    import mlflow
-    return mlflow.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    from spam_mlops import registry
+    return registry.client(settings.mlflow_tracking_uri)
+
+
+def _settings():
+    "Window of 500 messages; a retraining is a tiny in-process training run (train_workers 0: no Ray)."
+    from spam_mlops.config import DriftSettings, RetrainSettings, get_settings
+    retrain = get_settings(RetrainSettings, train_config=TINY, train_sample_n=1500)
+    # RetrainSettings validates train_workers >= 1; training itself takes 0 for in-process (see train.train)
+    return get_settings(DriftSettings, window_messages=500), retrain.model_copy(update={"train_workers": 0})
 
 
 def _training_runs(settings):
@@ -47,33 +56,37 @@ def _training_runs(settings):
     return c.search_runs([exp.experiment_id])
 
 
-def test_quiet_window_no_retraining_and_baseline_stored_with_model(registry):
+def test_quiet_window_no_retraining_and_baseline_stored_with_model(trained):
     from spam_mlops import drift as dr
+    from spam_mlops.demo import simulate_traffic
     from spam_mlops.lake import Lake
-    settings, first = registry
-    dr.simulate_traffic(settings, n=500, seed=1)
-    cfg = dr.DriftConfig(window_messages=500, train_config=TINY, train_sample_n=1500, train_workers=0)
-    out = dr.drift(settings, cfg)
+    from spam_mlops.profile import BASELINE_ARTIFACT, fetch_baseline
+    settings, first = trained
+    simulate_traffic(settings, n=500, seed=1)
+    cfg, retrain = _settings()
+    out = dr.drift(settings, cfg, retrain)
     r = out.report
     assert r["status"] == "ok" and not r["decision"]["drift_detected"], [t for t in r["tests"] if t["drifted"]]
     assert r["retraining"]["action"] == "none" and r["baseline"]["model"]["version"] == first.version
     assert r["baseline"]["computed_on_demand"] is False  # training logged it in the model's run
-    stored = dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)
-    assert stored["model"]["run_id"] == first.run_id and stored["rows"]["train"] > 1000 and len(stored["text"]["vocabulary"]) > 1000
-    assert 0 < stored["text"]["oov_rate"] < 0.2 and set(stored["text_length_quantiles"]) == {"p01", "p05", "p25", "p50", "p75", "p95", "p99"}
+    stored = fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)
+    assert stored["model"]["run_id"] == first.run_id and stored["rows"]["train"] > 1000
+    assert len(stored["text"]["vocabulary"]) > 1000 and 0 < stored["text"]["oov_rate"] < 0.2
+    assert set(stored["text_length_quantiles"]) == {"p01", "p05", "p25", "p50", "p75", "p95", "p99"}
     # a model without one (trained before training logged it): computed on demand, the same profile, stored in its run
     run = _client(settings).get_run(first.run_id)
-    Path(run.info.artifact_uri.removeprefix("file://"), dr.BASELINE_ARTIFACT).unlink()
-    assert dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri) is None
+    Path(run.info.artifact_uri.removeprefix("file://"), BASELINE_ARTIFACT).unlink()
+    assert fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri) is None
     rebuilt = dr.load_baseline(settings)
     assert rebuilt["computed_on_demand"] is True and rebuilt["model"] == stored["model"]  # (from the whole frame, not
     assert rebuilt["text"]["vocabulary"] == stored["text"]["vocabulary"]                 # the training's sample)
-    assert dr.fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)["model"]["run_id"] == first.run_id
-    again = dr.drift(settings, cfg)
+    assert fetch_baseline(dr.resolve_model(settings), settings.mlflow_tracking_uri)["model"]["run_id"] == first.run_id
+    again = dr.drift(settings, cfg, retrain)
     assert again.report["baseline"]["computed_on_demand"] is False
     # the report: lake (JSON + HTML) and an MLflow run of the drift experiment
     lake = Lake.from_settings(settings)
-    assert lake.read_json(dr.LATEST)["id"] == again.report["id"] and lake.exists(f"{dr.REPORTS}/{again.report['id']}.html")
+    assert lake.read_json(dr.LATEST)["id"] == again.report["id"]
+    assert lake.exists(f"{dr.REPORTS}/{again.report['id']}.html")
     c = _client(settings)
     run = c.get_run(again.report["mlflow_run_id"])
     assert run.data.tags["status"] == "ok" and "text_length.psi" in run.data.metrics
@@ -81,12 +94,13 @@ def test_quiet_window_no_retraining_and_baseline_stored_with_model(registry):
     assert len(_training_runs(settings)) == 1
 
 
-def test_drifted_window_triggers_exactly_one_retraining(registry):
+def test_drifted_window_triggers_exactly_one_retraining(trained):
     from spam_mlops import drift as dr
-    settings, first = registry
-    dr.simulate_traffic(settings, n=600, foreign=True, seed=2)
-    cfg = dr.DriftConfig(window_messages=500, train_config=TINY, train_sample_n=1500, train_workers=0)
-    out = dr.drift(settings, cfg)
+    from spam_mlops.demo import simulate_traffic
+    settings, first = trained
+    simulate_traffic(settings, n=600, foreign=True, seed=2)
+    cfg, retrain = _settings()
+    out = dr.drift(settings, cfg, retrain)
     r = out.report
     assert r["decision"]["drift_detected"] and r["decision"]["groups"]["text"], r["decision"]
     rt = r["retraining"]
@@ -96,27 +110,28 @@ def test_drifted_window_triggers_exactly_one_retraining(registry):
     assert len(runs) == 2
     new = next(x for x in runs if x.info.run_id == rt["run_id"])
     assert new.info.status == "FINISHED" and new.data.tags["registered_version"] == rt["version"]
-    assert new.data.tags["gate.decision"] == rt["gate"] and rt["gate"] in ("promoted", "rejected: spam recall below floor",
-                                                                         "rejected: champion MCC not beaten")
+    assert new.data.tags["gate.decision"] == rt["gate"]
+    assert rt["gate"] in ("promoted", "rejected: spam recall below floor", "rejected: champion MCC not beaten")
     versions = _client(settings).search_model_versions(f"name='{settings.model_name}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     # drift persists: the next runs report it but start nothing (cool-down), even a minute later
-    later = dr.drift(settings, cfg, now=datetime.now(UTC) + timedelta(minutes=1))
+    later = dr.drift(settings, cfg, retrain, now=datetime.now(UTC) + timedelta(minutes=1))
     assert later.report["decision"]["drift_detected"] and later.report["retraining"]["action"] == "skipped"
     assert "cool-down" in later.report["retraining"]["reason"]
-    assert len(_training_runs(settings)) == 2 and len(_client(settings).search_model_versions(f"name='{settings.model_name}'")) == 2
+    assert len(_training_runs(settings)) == 2
+    assert len(_client(settings).search_model_versions(f"name='{settings.model_name}'")) == 2
 
 
 def test_lock_on_s3_lake(s3_env):
-    from spam_mlops import drift as dr
+    from spam_mlops import retrain as rt
     from spam_mlops.config import get_settings
     from spam_mlops.lake import Lake
     lake = Lake.from_settings(get_settings(lake="s3://drift-lock-test/lake"))
     now = datetime.now(UTC)
-    assert dr.acquire_lock(lake, "a", now, 6) == (True, "")
-    ok, why = dr.acquire_lock(lake, "b", now, 6)
+    assert rt.acquire_lock(lake, "a", now, 6) == (True, "")
+    ok, why = rt.acquire_lock(lake, "b", now, 6)
     assert not ok and "lock by a" in why
-    ok, note = dr.acquire_lock(lake, "c", now + timedelta(hours=7), 6)
+    ok, note = rt.acquire_lock(lake, "c", now + timedelta(hours=7), 6)
     assert ok and "stale" in note
-    dr.release_lock(lake)
-    assert not lake.exists(dr.LOCK)
+    rt.release_lock(lake)
+    assert not lake.exists(rt.LOCK)
