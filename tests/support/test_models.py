@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from support import register_champion
+from support import SPAM_TEXT, register_champion, train_champion
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +45,14 @@ def test_register_champion_on_a_real_server(mlflow_sqlite_server, tmp_path):
     assert np.abs(predict_texts(second, TEXTS) - predict_texts(first, TEXTS)).max() > 1e-4  # really another model
     v3 = register_champion(mlflow_sqlite_server, second, "behaviour_test")
     assert registry.alias_version(client, "behaviour_test").version == v3 == "3"
+
+
+def test_train_champion_registers_a_servable_model(tmp_path):
+    "The small champion of the serving tests: registered under its alias, a string-input model of probabilities."
+    from spam_mlops import registry
+    from spam_mlops.model import predict_texts
+    settings, uri, version = train_champion(tmp_path, sample=500)
+    assert uri == "models:/spam_detection@champion" and version == "1"
+    model = registry.load_keras(registry.client(settings.mlflow_tracking_uri), uri)
+    p = predict_texts(model, [SPAM_TEXT, "ok see you at home"])
+    assert p.shape == (2,) and ((0 <= p) & (p <= 1)).all()
