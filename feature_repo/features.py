@@ -9,13 +9,13 @@ The objects are built by `spam_mlops.feature_store.definitions` (nbs/03_feature_
 - feature service `spam_model_v1`: the features the model reads
 """
 
-import os
 from pathlib import Path
 
 from spam_mlops.config import get_settings
 from spam_mlops.feature_store import definitions
 
-# Without SPAM_MLOPS_LAKE, use the repository's ./lake, as `spam-mlops` does when run from the repository root.
-_lake = {} if os.environ.get("SPAM_MLOPS_LAKE") else {"lake": str(Path(__file__).resolve().parents[1] / "lake")}
+_settings = get_settings()
+if "lake" not in _settings.model_fields_set:  # SPAM_MLOPS_LAKE unset: the repository's ./lake, as `spam-mlops` uses
+    _settings = get_settings(lake=str(Path(__file__).resolve().parents[1] / "lake"))  # when run from the root
 
-message_id, nlp_features, message_features, spam_model_v1 = definitions(get_settings(**_lake))
+message_id, nlp_features, message_features, spam_model_v1 = definitions(_settings)

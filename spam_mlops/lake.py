@@ -78,71 +78,98 @@ class Lake:
     def _fail(self, what: str, rel: str, e: Exception) -> LakeError:
         return LakeError(f"cannot {what} {self.url(rel)}: {e}")
 
-    def exists(self, rel: str) -> bool:
-        "Whether the object `rel` exists."
-        try: return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
-        except OSError as e: raise self._fail("check", rel, e) from None
+# %% ../nbs/09_lake.ipynb #a8e5c1f6
+def _exists(self: Lake, rel: str) -> bool:
+    "Whether the object `rel` exists."
+    try: return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+    except OSError as e: raise self._fail("check", rel, e) from e
 
-    def list(self, prefix: str) -> list[str]:
-        "Relative paths of the objects under `prefix`, sorted."
-        try: infos = self.fs.get_file_info(pafs.FileSelector(self.path(prefix), allow_not_found=True, recursive=True))
-        except OSError as e: raise self._fail("list", prefix, e) from None
-        n = len(self.root) + 1
-        return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.File and "/.tmp-" not in i.path)
 
-    def write_bytes(self, rel: str, data: bytes) -> str:
-        "Write `data` to `rel` atomically; return the object's URI."
-        path = self.path(rel)
+def _list(self: Lake, prefix: str) -> list[str]:
+    "Relative paths of the objects under `prefix`, sorted (temporary files of unfinished writes left out)."
+    selector = pafs.FileSelector(self.path(prefix), allow_not_found=True, recursive=True)
+    try: infos = self.fs.get_file_info(selector)
+    except OSError as e: raise self._fail("list", prefix, e) from e
+    n = len(self.root) + 1
+    return sorted(i.path[n:] for i in infos if i.type == pafs.FileType.File and "/.tmp-" not in i.path)
+
+
+def _read_bytes(self: Lake, rel: str) -> bytes:
+    "Read the whole object `rel`."
+    try:
+        with self.fs.open_input_stream(self.path(rel)) as f: return f.read()
+    except FileNotFoundError: raise LakeError(f"not found: {self.url(rel)}") from None
+    except OSError as e: raise self._fail("read", rel, e) from e
+
+
+Lake.exists, Lake.list, Lake.read_bytes = _exists, _list, _read_bytes
+
+# %% ../nbs/09_lake.ipynb #d1b8f4c9
+def _write_bytes(self: Lake, rel: str, data: bytes) -> str:
+    "Write `data` to `rel` atomically; return the object's URI."
+    path = self.path(rel)
+    try:
+        if self.is_s3: self._put(path, data)
+        else:
+            parent = path.rsplit("/", 1)[0]
+            self.fs.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic rename on POSIX
+    except OSError as e: raise self._fail("write", rel, e) from e
+    return self.url(rel)
+
+
+def _ensure_bucket(self: Lake):
+    if getattr(self, "_bucket_ok", False): return
+    bucket = self.root.split("/", 1)[0]
+    if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound: self.fs.create_dir(bucket)
+    self._bucket_ok = True
+
+
+def _no_bucket(e: OSError) -> bool:
+    return "NO_SUCH_BUCKET" in str(e).upper().replace("NOSUCHBUCKET", "NO_SUCH_BUCKET")
+
+
+def _put(self: Lake, path: str, data: bytes):
+    "One PUT (whole or nothing). A bucket that vanished since it was checked (a wiped store) is created again."
+    for attempt in (1, 2):
+        self._ensure_bucket()
         try:
-            if self.is_s3: self._put(path, data)
-            else:
-                parent = path.rsplit("/", 1)[0]
-                self.fs.create_dir(parent, recursive=True)
-                tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data); f.flush(); os.fsync(f.fileno())
-                os.replace(tmp, path)  # atomic rename on POSIX
-        except OSError as e: raise self._fail("write", rel, e) from None
-        return self.url(rel)
+            with self.fs.open_output_stream(path) as f: f.write(data)
+            return
+        except OSError as e:
+            self._bucket_ok = False  # check the bucket again on the next write
+            if attempt == 2 or not _no_bucket(e): raise
 
-    def read_bytes(self, rel: str) -> bytes:
-        "Read the whole object `rel`."
-        try:
-            with self.fs.open_input_stream(self.path(rel)) as f: return f.read()
-        except FileNotFoundError: raise LakeError(f"not found: {self.url(rel)}") from None
-        except OSError as e: raise self._fail("read", rel, e) from None
 
-    def _ensure_bucket(self):
-        if getattr(self, "_bucket_ok", False): return
-        bucket = self.root.split("/", 1)[0]
-        if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound: self.fs.create_dir(bucket)
-        self._bucket_ok = True
+Lake.write_bytes, Lake._ensure_bucket, Lake._put = _write_bytes, _ensure_bucket, _put
 
-    def _put(self, path: str, data: bytes):
-        "One PUT (whole or nothing). A bucket that vanished since it was checked (a wiped store) is created again."
-        for attempt in (1, 2):
-            self._ensure_bucket()
-            try:
-                with self.fs.open_output_stream(path) as f: f.write(data)
-                return
-            except OSError as e:
-                self._bucket_ok = False  # check the bucket again on the next write
-                if attempt == 2 or "NO_SUCH_BUCKET" not in str(e).upper().replace("NOSUCHBUCKET", "NO_SUCH_BUCKET"): raise
+# %% ../nbs/09_lake.ipynb #a4e1c7f2
+def _write_parquet(self: Lake, rel: str, df: pd.DataFrame) -> str:
+    "Write `df` as Parquet to `rel`, atomically."
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
+    return self.write_bytes(rel, buf.getvalue())
 
-    def write_parquet(self, rel: str, df: pd.DataFrame) -> str:
-        "Write `df` as Parquet to `rel`, atomically."
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
-        return self.write_bytes(rel, buf.getvalue())
 
-    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pd.DataFrame:
-        "Read the Parquet object `rel`."
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns).to_pandas()
+def _read_parquet(self: Lake, rel: str, columns: list[str] | None = None) -> pd.DataFrame:
+    "Read the Parquet object `rel`."
+    return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns).to_pandas()
 
-    def write_json(self, rel: str, obj) -> str:
-        "Write `obj` as indented JSON to `rel`, atomically."
-        return self.write_bytes(rel, json.dumps(obj, indent=2, default=str).encode())
 
-    def read_json(self, rel: str):
-        "Read the JSON object `rel`."
-        return json.loads(self.read_bytes(rel))
+def _write_json(self: Lake, rel: str, obj) -> str:
+    "Write `obj` as indented JSON to `rel`, atomically."
+    return self.write_bytes(rel, json.dumps(obj, indent=2, default=str).encode())
+
+
+def _read_json(self: Lake, rel: str):
+    "Read the JSON object `rel`."
+    return json.loads(self.read_bytes(rel))
+
+
+Lake.write_parquet, Lake.read_parquet = _write_parquet, _read_parquet
+Lake.write_json, Lake.read_json = _write_json, _read_json

@@ -1,4 +1,5 @@
-"""Feast feature store against the real Redis (127.0.0.1:6379, database 11) and SQLite, on a lake made by the pipeline."""
+"""Feast feature store against the real Redis (127.0.0.1:6379, database 11) and SQLite, on a lake made by the
+pipeline."""
 from __future__ import annotations
 
 import os
@@ -14,10 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import redis
+from support import free_port
 
 from spam_mlops.config import get_settings
 from spam_mlops.feature_store import (
-    _BREAKERS,
+    _REDIS,
     FEATURE_VIEW,
     REDIS_FAIL_MAX,
     FeatureSchemaError,
@@ -47,10 +49,10 @@ def _repo(tmp: Path) -> str:
     return str(tmp)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _on_redis(pipeline_lake, tmp_path: Path, url: str):
+    "Settings of the pipeline lake with a private repository copy and the Redis at `url`."
+    return get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis",
+                        redis_url=url)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +116,10 @@ def test_sqlite_and_redis_have_separate_registries(pipeline_lake, tmp_path, redi
         assert materialize(sq).rows == 5171
         assert materialize(rd).rows == 5171  # not skipped because SQLite's window was done
         assert next(redis_db.scan_iter(count=1000), None) is not None, "nothing written to Redis"
-        closed = f"redis://127.0.0.1:{_free_port()}/0"  # same registry, nothing left to materialize, dead server
+        closed = f"redis://127.0.0.1:{free_port()}/0"  # same registry, nothing left to materialize, dead server
         with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {closed}"):
-            materialize(get_settings(lake=pipeline_lake.lake, feature_repo=repo, online_store="redis", redis_url=closed))
+            materialize(get_settings(lake=pipeline_lake.lake, feature_repo=repo, online_store="redis",
+                                     redis_url=closed))
     finally:
         feature_store(sq).teardown(), feature_store(rd).teardown()
         feature_store.cache_clear()
@@ -147,8 +150,8 @@ def test_historical_features_return_exactly_the_rows_asked(pipeline_lake, tmp_pa
 
 @pytest.mark.timeout(60)
 def test_unreachable_redis_fails_fast_naming_the_url(pipeline_lake, tmp_path):
-    closed = f"redis://127.0.0.1:{_free_port()}/0"  # nobody listens there
-    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis", redis_url=closed)
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    s = _on_redis(pipeline_lake, tmp_path, closed)
     apply(s)  # registering definitions needs no Redis
     t = time.perf_counter()
     with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {closed}"):
@@ -158,7 +161,7 @@ def test_unreachable_redis_fails_fast_naming_the_url(pipeline_lake, tmp_path):
         online_features(s, ["abc"])
     print(f"\ndead Redis port: materialize failed in {t_mat:.2f} s, online read in {time.perf_counter() - t:.2f} s")
     feature_store.cache_clear()
-    _BREAKERS.clear()
+    _REDIS.clear()
 
 
 @pytest.mark.timeout(60)
@@ -169,7 +172,7 @@ def test_silent_redis_times_out_naming_the_url(pipeline_lake, tmp_path):
     accepted = []
     threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
     url = f"redis://:secret@127.0.0.1:{server.getsockname()[1]}/0"
-    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis", redis_url=url)
+    s = _on_redis(pipeline_lake, tmp_path, url)
     try:
         apply(s)
         t = time.perf_counter()
@@ -177,14 +180,15 @@ def test_silent_redis_times_out_naming_the_url(pipeline_lake, tmp_path):
             online_features(s, ["abc"])
         t_read, t = time.perf_counter() - t, time.perf_counter()
         assert "secret" not in str(e.value)
-        with pytest.raises(OnlineStoreUnreachable, match=r"unreachable at redis://:\*\*\*@127.0.0.1.*(?i:timeout|timed out)"):
+        timed_out = r"unreachable at redis://:\*\*\*@127.0.0.1.*(?i:timeout|timed out)"
+        with pytest.raises(OnlineStoreUnreachable, match=timed_out):
             materialize(s)
         print(f"\nsilent Redis: online read failed in {t_read:.2f} s, materialize in {time.perf_counter() - t:.2f} s "
               "(socket_timeout 3 s, no retry on a timeout)")
     finally:
         server.close()
         feature_store.cache_clear()
-        _BREAKERS.clear()
+        _REDIS.clear()
 
 
 @pytest.mark.timeout(60)
@@ -205,7 +209,7 @@ def test_circuit_opens_on_unreachable_redis_and_tries_again_later(pipeline_lake,
             conn.close()
     threading.Thread(target=slam, daemon=True).start()
     url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
-    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="redis", redis_url=url)
+    s = _on_redis(pipeline_lake, tmp_path, url)
     try:
         apply(s)
         for i in range(REDIS_FAIL_MAX):
@@ -217,17 +221,18 @@ def test_circuit_opens_on_unreachable_redis_and_tries_again_later(pipeline_lake,
             online_features(s, ["abc"])
         with pytest.raises(OnlineStoreUnreachable, match="circuit open"):
             materialize(s)
-        print(f"\ncircuit open: online read and materialize refused in {time.perf_counter() - t:.3f} s without connecting")
+        print(f"\ncircuit open: online read and materialize refused in {time.perf_counter() - t:.3f} s "
+              "without connecting")
         assert len(accepted) == 2 * REDIS_FAIL_MAX  # no connection while open
-        _BREAKERS[url].reset_timeout = 0.5
+        _REDIS[url].breaker.reset_timeout = 0.5
         time.sleep(0.6)
         with pytest.raises(OnlineStoreUnreachable, match=f"unreachable at {url}: (?!circuit)"):
             online_features(s, ["abc"])  # half-open: one call tries, fails, the circuit opens again
-        assert len(accepted) > 2 * REDIS_FAIL_MAX and _BREAKERS[url].current_state == "open"
+        assert len(accepted) > 2 * REDIS_FAIL_MAX and _REDIS[url].state == "open"
     finally:
         server.close()
         feature_store.cache_clear()
-        _BREAKERS.clear()
+        _REDIS.clear()
 
 
 def test_missing_or_mistyped_column_is_named(pipeline_lake, tmp_path, offline):
