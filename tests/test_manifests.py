@@ -13,13 +13,11 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from support import BIN, ManagedServer, free_port, pg_exec, require
+from support import BIN, ROOT, ManagedServer, free_port, pg_exec, require
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import validate_manifests as vm  # noqa: E402
 
@@ -190,7 +188,7 @@ def test_pipeline_jobs_and_schedules(rendered):
     drift = cron["drift-detection"]
     assert drift["spec"]["schedule"] == "0 */6 * * *"
     drift_args = drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert drift_args == ["spam-mlops", "run", "07_drift"]
+    assert drift_args == ["spam-mlops", "run", "07b_drift"]
     rj = objects(docs, "RayJob")
     assert rj["spam-train"]["spec"]["entrypoint"] == "spam-mlops run 04_train"
     assert rj["spam-tune"]["spec"]["entrypoint"] == "spam-mlops run 05_tune"
