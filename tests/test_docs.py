@@ -4,6 +4,7 @@ prose must be there."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,42 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _sidebar_entries(contents: list) -> list[str]:
+    "The pages of a Quarto sidebar, sections flattened, in order."
+    pages = []
+    for entry in contents:
+        if isinstance(entry, str): pages.append(entry)
+        elif "section" in entry: pages += _sidebar_entries(entry.get("contents", []))
+        else: pages.append(entry["href"])
+    return pages
+
+
+def _sidebar() -> list[str]:
+    sidebar = yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]
+    return _sidebar_entries(sidebar["contents"])
+
+
+def test_sidebar_covers_every_notebook():
+    "Every notebook (index aside) is in the sidebar, once; every page the sidebar names exists."
+    pages = _sidebar()
+    notebooks = {p.name for p in (ROOT / "nbs").glob("*.ipynb")} - {"index.ipynb"}
+    listed = [p for p in pages if p.endswith(".ipynb") and p != "index.ipynb"]
+    assert not notebooks - set(listed), f"notebooks missing from nbs/sidebar.yml: {sorted(notebooks - set(listed))}"
+    missing = [p for p in pages if not (ROOT / "nbs" / p).is_file()]
+    assert not missing, f"nbs/sidebar.yml names pages that do not exist: {missing}"
+    assert len(pages) == len(set(pages)), f"pages listed twice: {sorted({p for p in pages if pages.count(p) > 1})}"
+    assert pages[0] == "index.ipynb" and pages[1] == "08_config.ipynb", "the docs open with the index, then config"
+
+
+def test_index_reads_in_sidebar_order():
+    "The reading order of the docs index (nbs/index.ipynb) is the sidebar's."
+    index = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"])
+    section = index.split("## Reading order", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"\((\w+|explanations/[\w.]+)\)", section)
+    in_sidebar = [p.removesuffix(".ipynb") for p in _sidebar() if p != "index.ipynb"]
+    assert named == in_sidebar
 
 
 def _first_markdown(nb: dict) -> tuple[str, str]:
