@@ -13,7 +13,7 @@ endif
 export SPAM_MLOPS_LAKE ?= ./lake
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: install tools demo test lint lab readme check bench audit clean
+.PHONY: install tools demo test lint lab readme docs check bench audit clean
 APT_PACKAGES := chromium wrk hey postgresql-client
 
 install: $(VENV)/.installed
@@ -32,17 +32,19 @@ tools:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; }
 	scripts/install-tools.sh
 
-# every stage on the embedded defaults: lake ./lake, MLflow sqlite:///mlflow.db, Feast on SQLite, Ray in-process
+# every stage on the embedded defaults: lake ./lake, MLflow sqlite:///mlflow.db, Feast on SQLite, Ray in-process.
+# Each stage prints its result line; `make demo VERBOSE=1` also shows TensorFlow's, Ray's and MLflow's start-up logs.
+CLI = $(BIN)/spam-mlops$(if $(VERBOSE), -v)
 demo: install
-	$(BIN)/spam-mlops ingest
-	$(BIN)/spam-mlops curate
-	$(BIN)/spam-mlops features
-	$(BIN)/spam-mlops feast-apply
-	$(BIN)/spam-mlops materialize
-	$(BIN)/spam-mlops train
-	$(BIN)/spam-mlops tune --num-samples 4 --epochs 2 --grace-period 1 --sample-n 1500
+	$(CLI) ingest
+	$(CLI) curate
+	$(CLI) features
+	$(CLI) feast-apply
+	$(CLI) materialize
+	$(CLI) train
+	$(CLI) tune --num-samples 4 --epochs 2 --grace-period 1 --sample-n 1500
 	BIN=$(BIN) scripts/demo-serve.sh
-	$(BIN)/spam-mlops drift --demo-traffic 500 --messages 500 --retrain off
+	$(CLI) drift --demo-traffic 500 --messages 500 --retrain off
 
 test: install tools
 	$(BIN)/nbdev-test --n-workers 2
@@ -63,6 +65,11 @@ lab: install
 # README.md is rendered from nbs/index.ipynb (nbdev-readme needs Quarto; nbconvert does the same offline)
 readme: install
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+# the docs site (Quarto must be installed: the GitHub workflow sets it up) into _docs/; tests/test_docs.py checks
+# the same pages offline without Quarto
+docs: install
+	$(BIN)/nbdev-docs
 
 bench: install
 	$(BIN)/python bench/pipeline.py

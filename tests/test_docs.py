@@ -115,3 +115,20 @@ def test_pages_render_in_chromium(site, tmp_path):
                               page.as_uri()], capture_output=True, text=True, timeout=120).stdout
         assert f">{title}<" in dom or f">{title}\n" in dom or title in dom, f"{page.name}: title {title!r} missing"
         assert prose in dom, f"{page.name}: prose {prose!r} missing"
+
+
+def test_workflow_builds_the_site_and_publishes_it_from_main():
+    "The GitHub workflow builds the docs with nbdev-docs on Quarto's setup action; only a push to main deploys them."
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "ci-cd.yaml").read_text())
+    docs, pages = wf["jobs"]["docs"], wf["jobs"]["pages"]
+    uses = [s.get("uses", "") for s in docs["steps"]]
+    assert any(u.startswith("quarto-dev/quarto-actions/setup@") for u in uses)
+    assert any(s.get("run") == "make docs" for s in docs["steps"]) and "nbdev-docs" in (ROOT / "Makefile").read_text()
+    upload = next(s for s in docs["steps"] if s.get("uses", "").startswith("actions/upload-pages-artifact@"))
+    main_only = "github.event_name == 'push' && github.ref == 'refs/heads/main'"
+    assert upload["if"] == main_only and upload["with"]["path"] == "_docs"
+    assert pages["if"] == main_only and set(pages["needs"]) == {"test", "docs"}
+    assert pages["permissions"] == {"pages": "write", "id-token": "write"}
+    assert pages["environment"]["name"] == "github-pages"
+    assert [s["uses"].split("@")[0] for s in pages["steps"]] == ["actions/deploy-pages"]
+    assert wf["permissions"] == {"contents": "read"}  # nothing else gets the Pages rights
