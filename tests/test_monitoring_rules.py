@@ -16,14 +16,12 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from support import PROMETHEUS_HINT, free_port, prometheus_server, require, wait_until
+from support import PROMETHEUS_HINT, ROOT, free_port, prometheus_server, require, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 MON = ROOT / "monitoring"
 RULES = MON / "alert-rules.yaml"
 DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))

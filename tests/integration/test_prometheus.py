@@ -18,12 +18,12 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from support import (
+    ROOT,
     ManagedServer,
     demo_model,
     free_port,
@@ -35,7 +35,6 @@ from support import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "monitoring" / "alert-rules.yaml"
 DASHBOARDS = sorted((ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"))
 ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
