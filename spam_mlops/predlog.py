@@ -1,9 +1,10 @@
-"""The prediction log and the labelled feedback: one schema, the API's background writer and the readers drift uses.
+"""The API's logs: predictions and labelled feedback (one schema, the writer, the readers drift uses) and the audit.
 
 What the API saw and answered is the input of drift detection. The API (`spam_mlops.service`) appends every
 answer to the lake's `predictions/` through a `PredictionLog`; labels arrive in `feedback/` (from a labelling
 tool or `write_feedback`); the drift stage reads both with `read_predictions` and `read_feedback`. The schema
-of both tables is defined here once, so the writer and the readers cannot disagree.
+of both tables is defined here once, so the writer and the readers cannot disagree. The audit log, one JSON line
+per HTTP request, shares the prediction log's background writer.
 
 Docs: https://spam-mlops.github.io/spam_mlops/predlog.html.md"""
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import queue
 import re
+import sys
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 
@@ -28,8 +34,9 @@ from .ingest import message_id
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['log', 'PREDICTIONS', 'FEEDBACK', 'LOG_COLUMNS', 'REQUIRED', 'LABELS', 'FeedbackError', 'prediction_table',
-           'BackgroundFlush', 'PredictionLog', 'read_predictions', 'write_feedback', 'read_feedback']
+__all__ = ['log', 'PREDICTIONS', 'FEEDBACK', 'LOG_COLUMNS', 'REQUIRED', 'LABELS', 'AUDIT_LOGGER', 'FeedbackError',
+           'prediction_table', 'BackgroundFlush', 'PredictionLog', 'read_predictions', 'write_feedback',
+           'read_feedback', 'key_fingerprint', 'AuditLog']
 
 # %% ../nbs/06a_predlog.ipynb #114e7a9c
 log = logging.getLogger(__name__)
@@ -40,6 +47,7 @@ LOG_COLUMNS = ["timestamp", "request_id", "message_id", "text", "text_sha256", *
                "spam_probability", "prediction", "model_version"]
 REQUIRED = ["timestamp", "message_id", *FEATURE_TYPES, "spam_probability", "prediction"]  # what drift reads
 LABELS = ("ham", "spam")
+AUDIT_LOGGER = "spam_mlops.audit"  # where audit lines go when no audit file is set
 
 
 class FeedbackError(SpamMlopsError, ValueError):
@@ -116,7 +124,7 @@ class PredictionLog(BackgroundFlush):
         "Start the background flusher (not without a lake)."
         return super().start() if self.lake is not None else self
 
-# %% ../nbs/06a_predlog.ipynb #9ed7e677
+# %% ../nbs/06a_predlog.ipynb #bb48fd08
 def _flush(self: PredictionLog) -> int:
     "Write the pending rows as one Parquet file per UTC day; return the rows written. Rows not written are kept."
     with self._lock: rows, self._rows = self._rows, []
@@ -148,7 +156,7 @@ def _write(self: PredictionLog, key: str, part: pd.DataFrame) -> str:
 
 PredictionLog.flush, PredictionLog._write = _flush, _write
 
-# %% ../nbs/06a_predlog.ipynb #1b2fc07a
+# %% ../nbs/06a_predlog.ipynb #c1b1f7b6
 def _day(path: str) -> str | None:
     m = re.search(r"dt=(\d{4}-\d{2}-\d{2})", path)
     return m[1] if m else None
@@ -164,7 +172,7 @@ def _read_part(lake: Lake, f: str) -> pd.DataFrame:
 def _corrupt(f: str, e: Exception) -> dict:
     return {"file": f, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
-# %% ../nbs/06a_predlog.ipynb #e07b1aaa
+# %% ../nbs/06a_predlog.ipynb #f82e1a71
 def read_predictions(lake: Lake,  # the lake holding `predictions/`
                      hours: float | None = None,  # the last `hours` before `now`
                      last_n: int | None = None,  # or the last `last_n` rows
@@ -198,7 +206,7 @@ def read_predictions(lake: Lake,  # the lake holding `predictions/`
     if columns: df = df[[c for c in columns if c in df.columns]]
     return df, info
 
-# %% ../nbs/06a_predlog.ipynb #0a1491bc
+# %% ../nbs/06a_predlog.ipynb #c061aba9
 def write_feedback(lake: Lake,  # the lake receiving `feedback/`
                    message_ids,  # ids of the labelled messages (`spam_mlops.ingest.message_id` of the text)
                    labels,  # one `ham` or `spam` per message
@@ -232,3 +240,125 @@ def read_feedback(lake: Lake) -> tuple[pd.DataFrame, dict]:
         frames.append(df[ok][["message_id", "label", "order"]])
     fb = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["message_id", "label", "order"])
     return fb, {"files": len(frames), "bad_files": bad_files, "invalid_rows": invalid}
+
+# %% ../nbs/06a_predlog.ipynb #8606cd96
+def key_fingerprint(key: bytes) -> str:
+    "A short, non-reversible id of an API key: the first 12 hex digits of its sha256."
+    return hashlib.sha256(key).hexdigest()[:12]
+
+# %% ../nbs/06a_predlog.ipynb #b8b40173
+class _Stderr(logging.StreamHandler):
+    "A stderr handler that leaves flushing to the audit writer: once per batch, not once per line."
+
+    def emit(self, record):
+        try: self.stream.write(self.format(record) + self.terminator)
+        except Exception: self.handleError(record)  # logging's own policy for a failed write
+
+
+def _audit_logger() -> logging.Logger:
+    "The `spam_mlops.audit` logger; when nothing configured it, it writes bare lines to stderr."
+    lg = logging.getLogger(AUDIT_LOGGER)
+    if not lg.handlers:
+        h = _Stderr(sys.__stderr__ or sys.stderr)  # the process's own: in a replica, Ray Serve wraps sys.stderr
+        h.setFormatter(logging.Formatter("%(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return lg
+
+# %% ../nbs/06a_predlog.ipynb #c5ca22f2
+class AuditLog(BackgroundFlush):
+    "One JSON line per HTTP request, written by a background thread to the file `path`, else the audit logger."
+    thread_name, join_s = "audit-log", 10.0
+
+    def __init__(self, path: str | None = None,  # audit file (appended); None: the `spam_mlops.audit` logger
+                 include_text: bool = False,  # message text in the lines
+                 key_names: dict[str, str] | None = None,  # fingerprint of a configured key -> its id
+                 flush_s: float = 0.2):  # seconds between writes
+        self.path, self.include_text, self.flush_s = path, include_text, flush_s
+        self.key_names = key_names or {}
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._file = None
+        self.lines, self.lost = 0, 0
+        self._ids: dict[bytes, str] = {}  # presented key -> id, so each key is hashed once (bounded)
+        self._second, self._stamp = -1, ""  # the formatted UTC second of the last line
+        self._json = json.JSONEncoder(separators=(", ", ": ")).encode
+
+    def record(self, start: float, request_id: str, method: str, route: str, status: int, latency_s: float,
+               model_version: str | None, key: bytes | None, text=None):
+        "Queue one request's line: the request path pays for a tuple, the writer builds the JSON."
+        self._q.put((start, request_id, method, route, status, latency_s, model_version, key, text))
+        if self._thread is None and not self._stop.is_set(): self.start()  # never an unbounded queue without a writer
+
+    def key_id(self, key: bytes | None) -> str | None:
+        "The id of a presented API key: a configured key's name, else its fingerprint; None without a key."
+        if not key: return None
+        kid = self._ids.get(key)
+        if kid is None:
+            if len(self._ids) > 1024: self._ids.clear()  # many wrong keys: start over rather than grow
+            fp = key_fingerprint(key)
+            kid = self._ids[key] = self.key_names.get(fp, fp)
+        return kid
+
+# %% ../nbs/06a_predlog.ipynb #8c9cdc0b
+def _time(self: AuditLog, t: float) -> str:
+    "`t` as UTC ISO 8601 with milliseconds (the second's text is reused while it lasts)."
+    second = int(t)
+    if second != self._second:
+        self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{self._stamp}.{int((t - second) * 1000):03d}Z"
+
+
+def _line(self: AuditLog, item: tuple) -> str:
+    "The JSON line of one queued request."
+    start, rid, method, route, status, latency_s, version, key, text = item
+    rec = {"time": self._time(start), "request_id": rid, "method": method, "route": route, "status": status,
+           "latency_ms": round(latency_s * 1000, 3), "model_version": version, "key_id": self.key_id(key)}
+    if self.include_text and text is not None: rec["text"] = text
+    return self._json(rec)
+
+
+def _write_lines(self: AuditLog, lines: list[str]):
+    "Append `lines` to the file, or hand them to the audit logger (records made here: no caller lookup per line)."
+    if self.path:
+        if self._file is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open; closed by close)
+        self._file.write("".join(ln + "\n" for ln in lines))
+        self._file.flush()
+    elif (lg := _audit_logger()).isEnabledFor(logging.INFO):
+        for ln in lines: lg.handle(logging.LogRecord(AUDIT_LOGGER, logging.INFO, "", 0, ln, None, None))
+        for h in lg.handlers: h.flush()
+
+
+AuditLog._time, AuditLog.line, AuditLog._write_lines = _time, _line, _write_lines
+
+# %% ../nbs/06a_predlog.ipynb #8463ac03
+def _flush_audit(self: AuditLog) -> int:
+    "Write every queued line now; the number written."
+    with self._lock:
+        lines = []
+        while True:
+            try: lines.append(self.line(self._q.get_nowait()))
+            except queue.Empty: break
+        if not lines: return 0
+        try: self._write_lines(lines)
+        except OSError as e:
+            self.lost += len(lines)
+            log.error("audit log %s not written, %d lines lost: %s", self.path or AUDIT_LOGGER, len(lines), e)
+            return 0
+        self.lines += len(lines)
+        return len(lines)
+
+
+def _close_audit(self: AuditLog):
+    "Stop the writer, write what is left, close the file."
+    BackgroundFlush.close(self)
+    if self._file:
+        self._file.close()
+        self._file = None
+
+
+AuditLog.flush, AuditLog.close = _flush_audit, _close_audit
