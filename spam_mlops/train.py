@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import registry
+from . import cluster, registry
 from .config import Settings, SpamMlopsError, get_settings
 from .curate import CURATED, read_curated
 from .feature_store import FeatureStoreError, MissingFeaturesError, historical_features
@@ -200,8 +200,6 @@ def run_trainer(config: dict,  # fit_model's config
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
-
-    from spam_mlops import cluster  # TEMP lazy
     started = cluster.start(max(2, workers), settings=settings, purpose="train")
     try:
         storage = storage_path or tempfile.mkdtemp(prefix="spam-train-")

@@ -13,20 +13,21 @@ import pytest
 
 from spam_mlops.config import get_settings
 from spam_mlops.curate import clean_text, read_curated
-from spam_mlops.drift import BASELINE_ARTIFACT
 from spam_mlops.feature_store import apply
 from spam_mlops.features import FEATURES
 from spam_mlops.lake import Lake
+from spam_mlops.profile import BASELINE_ARTIFACT
+from spam_mlops.registry import RegistryUnreachable
 from spam_mlops.train import (
     DEFAULT_CONFIG,
     RegistryError,
-    TrackingError,
     TrainError,
     build_model,
     class_weights,
     epoch_logger,
     export_model,
     fit_model,
+    git_commit,
     load_keras_model,
     predict_texts,
     prepare_data,
@@ -214,10 +215,8 @@ def test_ray_train_with_two_workers(tracking):
     data = prepare_data(parts, c)
     client = mlflow.MlflowClient(tracking)
     run_id = client.create_run(client.create_experiment("ray")).info.run_id
-    try:
-        net, hist = run_trainer(c, data, workers=2, mlflow_run=(run_id, tracking))
-    finally:
-        ray.shutdown()
+    net, hist = run_trainer(c, data, workers=2, mlflow_run=(run_id, tracking))
+    assert not ray.is_initialized()  # run_trainer started Ray through spam_mlops.cluster and stopped it again
     assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.9
     for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert [(m.step, m.value) for m in client.get_metric_history(run_id, k)] == [(e["epoch"], pytest.approx(e[k])) for e in hist]
@@ -322,8 +321,26 @@ def test_failed_run_is_marked_failed(tmp_path, tracking):
 def test_unreachable_tracking_server(pipeline_lake):
     from conftest import free_port
     s = get_settings(lake=pipeline_lake.lake, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(TrackingError, match="unreachable"):
+    with pytest.raises(RegistryUnreachable, match="does not answer"):
         train(s, TINY, workers=0)
+
+
+def test_train_leaves_the_process_tracking_uri_alone(tmp_path, tracking):
+    "train() points MLflow's fluent API at the settings' tracking server for its run only (registry.using)."
+    s = get_settings(lake=str(tmp_path / "nolake"), mlflow_tracking_uri=tracking)
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    mlflow.set_tracking_uri(elsewhere)  # (mlflow also sets MLFLOW_TRACKING_URI for subprocesses)
+    with pytest.raises(TrainError, match="no curated data"):
+        train(s, TINY, workers=0)
+    assert mlflow.get_tracking_uri() == elsewhere and mlflow.get_registry_uri() == elsewhere
+    client = mlflow.MlflowClient(tracking)
+    assert len(client.search_runs([client.get_experiment_by_name("spam_detection").experiment_id])) == 1
+
+
+def test_git_commit_comes_from_the_settings_first():
+    assert git_commit(get_settings(git_commit="0123abc")) == "0123abc"
+    found = git_commit(get_settings(git_commit=""))  # from `git rev-parse HEAD` in a checkout
+    assert found == "unknown" or len(found) == 40
 
 
 def test_unknown_registered_model(tracking):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spam_mlops import cluster
 from spam_mlops.config import get_settings
 from spam_mlops.lake import Lake
 from spam_mlops.train import DEFAULT_CONFIG, fit_model, prepare_data, split_frame
@@ -26,7 +27,6 @@ from spam_mlops.tune import (
     metric_mode,
     param_space,
     search,
-    start_ray,
 )
 
 TINY = {"max_len": 24, "patience": 10}  # short sequences; no early stopping by the loop itself, so ASHA's stops show
@@ -43,11 +43,10 @@ def tracked(pipeline_lake, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    "One local Ray (2 CPUs, random ports) for the module's searches; shut down at the end."
-    import ray
-    start_ray(num_cpus=2)
+    "One local Ray (2 CPUs, random ports) for the module's searches, through spam_mlops.cluster; stopped at the end."
+    cluster.start(2, settings=get_settings(ray_address=""), purpose="test")
     yield
-    ray.shutdown()
+    cluster.stop()
 
 
 def _children(client, parent_id: str, role: str = "trial"):

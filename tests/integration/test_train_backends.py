@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from spam_mlops.config import get_settings
-from spam_mlops.drift import BASELINE_ARTIFACT
 from spam_mlops.feature_store import apply
+from spam_mlops.profile import BASELINE_ARTIFACT
 from spam_mlops.train import load_keras_model, predict_texts, train
 
 ROOT = Path(__file__).resolve().parents[2]
