@@ -16,7 +16,6 @@ Docs: https://spam-mlops.github.io/spam_mlops/backup.html.md"""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ from urllib.parse import urlparse, urlunparse
 
 from tqdm.auto import tqdm
 
-from .config import Settings, SpamMlopsError, get_settings
+from .config import BackupSettings, Settings, SpamMlopsError, get_settings
 from .lake import Lake
 
 # %% auto #0
@@ -52,10 +51,12 @@ def _store(uri: str, settings: Settings) -> Lake:
 
 
 def _pg(tool: str, *args: str) -> None:
+    "Run one of PostgreSQL's client tools; its last line of stderr is the error."
     exe = shutil.which(tool)
     if not exe: raise BackupError(f"{tool} not found: install PostgreSQL's client tools (postgresql-client)")
     r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=3600)
-    if r.returncode: raise BackupError(f"{tool} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    if r.returncode:
+        raise BackupError(f"{tool} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
 
 # %% ../nbs/11_backup.ipynb #8f954dea
 @dataclass
@@ -68,25 +69,33 @@ class BackupReport:
     def __str__(self): return f"backup: {self.files} files, {self.bytes:,} bytes → {self.location}"
 
 
-def backup(db: str, artifacts: str, dest: str, settings: Settings | None = None, dump_file: str | None = None) -> BackupReport:
+def _dump(db: str, dump_file: str | None) -> bytes:
+    "The database as `pg_dump -Fc` bytes: from `dump_file` when given (checked), else from running pg_dump."
+    if dump_file:
+        data = Path(dump_file).read_bytes() if Path(dump_file).is_file() else b""
+        if not data.startswith(b"PGDMP"):
+            raise BackupError(f"{dump_file}: not a pg_dump custom-format file (pg_dump -Fc)")
+        return data
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "mlflow.dump"
+        _pg("pg_dump", "-Fc", "--no-owner", "-f", str(dump), _libpq_url(db))
+        return dump.read_bytes()
+
+# %% ../nbs/11_backup.ipynb #b6d3f9a2
+def backup(db: str,  # MLflow database URL (postgresql://...; SQLAlchemy's postgresql+psycopg2:// too)
+           artifacts: str,  # artifact store root: a folder or s3://bucket[/prefix]
+           dest: str,  # backup location: a folder or s3://bucket/prefix
+           settings: Settings | None = None,  # S3 endpoint and credentials (default: from the environment)
+           dump_file: str | None = None,  # a pg_dump -Fc file made beforehand, instead of running pg_dump here
+           ) -> BackupReport:
     """Dump the MLflow database and copy the artifact store to `dest/<timestamp>/`, with a checksummed manifest.
 
-    `dump_file`: a `pg_dump -Fc` file made beforehand, used instead of running `pg_dump` here. The CronJob makes it
-    in an init container from the database server's own image, because `pg_dump` refuses a server of a newer major
-    version than itself."""
+    The CronJob makes `dump_file` in an init container from the database server's own image, because `pg_dump`
+    refuses a server of a newer major version than itself."""
     settings = settings or get_settings()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     src, out = _store(artifacts, settings), _store(dest, settings)
-    files = {}
-    if dump_file:
-        data = Path(dump_file).read_bytes() if Path(dump_file).is_file() else b""
-        if not data.startswith(b"PGDMP"): raise BackupError(f"{dump_file}: not a pg_dump custom-format file (pg_dump -Fc)")
-        files["mlflow.dump"] = data
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            dump = Path(tmp) / "mlflow.dump"
-            _pg("pg_dump", "-Fc", "--no-owner", "-f", str(dump), _libpq_url(db))
-            files["mlflow.dump"] = dump.read_bytes()
+    files = {"mlflow.dump": _dump(db, dump_file)}
     for rel in tqdm(src.list(""), desc="artifacts", unit="file", leave=False):
         files[f"artifacts/{rel}"] = src.read_bytes(rel)
     u = urlparse(db)
@@ -98,6 +107,7 @@ def backup(db: str, artifacts: str, dest: str, settings: Settings | None = None,
 
 # %% ../nbs/11_backup.ipynb #20defa97
 def _create_database_if_missing(url: str) -> None:
+    "Create the database of `url` (connecting to its server's `postgres` database) unless it exists."
     import psycopg2
     u = urlparse(url)
     name = u.path.lstrip("/")
@@ -117,8 +127,12 @@ def latest_backup(dest: str, settings: Settings | None = None) -> str:
     if not done: raise BackupError(f"no complete backup under {dest}")
     return out.url(done[-1])
 
-
-def restore(location: str, db: str, artifacts: str, settings: Settings | None = None) -> BackupReport:
+# %% ../nbs/11_backup.ipynb #f0b7d3e6
+def restore(location: str,  # a backup folder (see `latest_backup`)
+            db: str,  # MLflow database URL to restore into (created if missing)
+            artifacts: str,  # artifact store root to copy the artifacts back to
+            settings: Settings | None = None,  # S3 endpoint and credentials (default: from the environment)
+            ) -> BackupReport:
     "Verify a backup's checksums, then restore the database and copy the artifacts back."
     settings = settings or get_settings()
     bk, dst = _store(location, settings), _store(artifacts, settings)
