@@ -20,24 +20,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
 
 BODY = b'{"text": "Click here for FREE money! Call 09061701461 to claim your prize"}'
-HEADERS = [(b"host", b"api"), (b"content-type", b"application/json"), (b"x-api-key", b"k1"), (b"x-request-id", b"3f2a-bench")]
+HEADERS = [(b"host", b"api"), (b"content-type", b"application/json"), (b"x-api-key", b"k1"),
+           (b"x-request-id", b"3f2a-bench")]
 
 
 def app_for(mode: str):
     "The API app over a stub model, its audit log off, to a file, or to the logger."
     from prometheus_client import CollectorRegistry
 
-    from spam_mlops import serve as sv
+    from spam_mlops import api, predlog
+    from spam_mlops import service as sv
     audit = os.path.join(tempfile.mkdtemp(), "audit.jsonl") if mode == "file" else None
     svc = sv.Service(sv.ServeConfig("stub.keras", "", None, poll_s=0, api_keys=("ops:k1",), audit_log=audit),
                      sv.Metrics("prometheus", CollectorRegistry()), sv.Predictor("stub", lambda x: None))
     svc.audit.flush_s = 3600  # no background flush: each round flushes its own lines, inside its timing
     if mode == "off": svc.audit.record = lambda *a, **k: None
-    if mode == "logger": sv._audit_logger().handlers[0].stream = open(os.devnull, "w")
+    if mode == "logger": predlog._audit_logger().handlers[0].stream = open(os.devnull, "w")
     answer = {"prediction": "ham", "spam_probability": 0.1, "model_version": "stub", "request_id": "x"}
 
     async def predict_one(text, request_id): return answer
-    return svc, sv.build_app(svc, predict_one, echo_request_id=False)
+    return svc, api.build_app(svc, predict_one, echo_request_id=False)
 
 
 def cpu_us_per_request(svc, app, n: int) -> float:
@@ -72,7 +74,8 @@ def main():
     base = statistics.median(results["off"])
     for mode, xs in results.items():
         med = statistics.median(xs)
-        print(f"audit {mode:6}  {med:6.1f} us CPU per request (+{med - base:5.1f} vs off)  rounds {', '.join(f'{x:.1f}' for x in xs)}")
+        rounds = ", ".join(f"{x:.1f}" for x in xs)
+        print(f"audit {mode:6}  {med:6.1f} us CPU per request (+{med - base:5.1f} vs off)  rounds {rounds}")
     for svc, _ in apps.values(): svc.audit.close()
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,8 @@ def hey(url: str, duration: float, rate: int | None = None, conc: int = 64, head
 
 def show(name: str, r: dict):
     ms = lambda v: f"{v * 1000:7.1f}" if v is not None else "      ?"  # noqa: E731
-    print(f"{name:28} offered {str(r['offered']):>5}  got {r['rps']:7.0f} req/s  p50 {ms(r['p50'])}  p95 {ms(r['p95'])}  "
+    print(f"{name:28} offered {str(r['offered']):>5}  got {r['rps']:7.0f} req/s  p50 {ms(r['p50'])}  "
+          f"p95 {ms(r['p95'])}  "
           f"p99 {ms(r['p99'])} ms  errors {r['errors']}", flush=True)
 
 
@@ -68,27 +70,46 @@ def lake_with_data(tmp: Path):
     s = get_settings()
     if Lake.from_settings(s).exists(CURATED): return s
     s = get_settings(lake=str(tmp / "lake"))
-    ingest(s); curate(s)
+    ingest(s)
+    curate(s)
     return s
 
 
 def get_model(args, tmp: Path, settings) -> str:
     "The model to serve: --model-uri, else the champion if registered, else the design probe LSTM trained now."
     from spam_mlops.curate import read_curated
+    from spam_mlops.demo import build_demo_model
     from spam_mlops.lake import Lake
-    from spam_mlops.serve import ServeError, build_demo_model, model_version
+    from spam_mlops.registry import RegistryError
+    from spam_mlops.service import model_version
     if args.model_uri: return args.model_uri
     uri = f"models:/{settings.model_name}@champion"
     try:
         model_version(uri, settings.mlflow_tracking_uri)
         return uri
-    except ServeError as e: print(f"no champion ({e}); training the probe LSTM (10k tokens, len 64, emb 32, LSTM 50, 5 epochs)")
+    except RegistryError as e:
+        print(f"no champion ({e}); training the probe LSTM (10k tokens, len 64, emb 32, LSTM 50, 5 epochs)")
     df = read_curated(Lake.from_settings(settings))
     t = time.time()
     model = build_demo_model(df.text, (df.label == "spam").astype(int), epochs=5)
     model.save(tmp / "probe_lstm.keras")
     print(f"trained in {time.time() - t:.0f} s")
     return str(tmp / "probe_lstm.keras")
+
+
+def free_port() -> int:
+    "A free TCP port on localhost."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_model(uri: str, tracking_uri: str) -> Path:
+    "The `.keras` file of `uri`: a local file, or the registered version behind the alias, downloaded."
+    from spam_mlops.registry import keras_file
+    from spam_mlops.service import download_model, model_version
+    if not uri.startswith("models:/"): return keras_file(uri)
+    return download_model(uri, model_version(uri, tracking_uri), tracking_uri)
 
 
 def baselines():
@@ -122,7 +143,8 @@ def wait_ready(url: str, timeout: float = 180):
     end = time.time() + timeout
     while time.time() < end:
         try:
-            if requests.post(url, data=BODY, headers={"Content-Type": "application/json"}, timeout=5).status_code == 200: return
+            r = requests.post(url, data=BODY, headers={"Content-Type": "application/json"}, timeout=5)
+            if r.status_code == 200: return
         except requests.RequestException: pass
         time.sleep(1)
     raise SystemExit(f"{url} not ready in {timeout} s")
@@ -130,7 +152,8 @@ def wait_ready(url: str, timeout: float = 180):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-uri", help="models:/name@alias or a .keras path (default: champion, else train the probe LSTM)")
+    ap.add_argument("--model-uri",
+                    help="models:/name@alias or a .keras path (default: champion, else train the probe LSTM)")
     ap.add_argument("--duration", type=float, default=60, help="seconds of the sustained run at --target")
     ap.add_argument("--target", type=int, default=1000, help="req/s the sustained run offers")
     ap.add_argument("--sweep", default="500,750,1000,1500,2000,2500,3000", help="fixed rates to step through")
@@ -148,11 +171,12 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="loadtest-"))
     settings = lake_with_data(tmp)
     model_uri = get_model(args, tmp, settings)
-    cfg = sv.ServeConfig.from_env(settings, model_uri=model_uri, lake=str(tmp / "pred-lake"), poll_s=0, api_keys=())
-    port = args.port or sv.free_port()
-    sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=sv.free_port())
+    cfg = sv.ServeConfig.from_settings(settings, model_uri=model_uri, lake=str(tmp / "pred-lake"), poll_s=0,
+                                       api_keys=())
+    port = args.port or free_port()
+    sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=free_port())
     NoOp, Seed = baselines()
-    local = sv.fetch_model(cfg.model_uri, cfg.tracking_uri)[1]
+    local = local_model(cfg.model_uri, cfg.tracking_uri)
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop", blocking=False)
     serve.run(Seed.bind(str(local)), name="seed", route_prefix="/seed", blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -186,7 +210,8 @@ def main():
     finally:
         sv.stop_server()
     passed = sustained["rps"] >= 0.98 * args.target and sustained["p95"] < P95_LIMIT_S and sustained["errors"] == 0
-    print(f"\nsustained {args.target} req/s for {args.duration:.0f} s with p95 < 100 ms and no error: {'PASS' if passed else 'FAIL'}")
+    print(f"\nsustained {args.target} req/s for {args.duration:.0f} s with p95 < 100 ms and no error: "
+          f"{'PASS' if passed else 'FAIL'}")
     if best: print(f"highest fixed rate with p95 < 100 ms and no error: {best['rps']:.0f} req/s "
                    f"(p50 {best['p50'] * 1000:.1f}, p95 {best['p95'] * 1000:.1f}, p99 {best['p99'] * 1000:.1f} ms)")
     results.update(passed=passed, best=best)

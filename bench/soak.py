@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 import requests
-from loadtest import P95_LIMIT_S, baselines, get_model, hey, lake_with_data, save_results, wait_ready
+from loadtest import P95_LIMIT_S, baselines, free_port, get_model, hey, lake_with_data, save_results, wait_ready
 from machine import machine, machine_info
 
 RSS_GROWTH_LIMIT = 0.10
@@ -96,7 +96,8 @@ def main():
     ap.add_argument("--conc", type=int, default=64, help="hey workers (the rate is spread over them)")
     ap.add_argument("--baseline-s", type=float, default=20, help="seconds of the no-op baseline at the same rate")
     ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--model-uri", help="models:/name@alias or a .keras path (default: champion, else train the probe LSTM)")
+    ap.add_argument("--model-uri",
+                    help="models:/name@alias or a .keras path (default: champion, else train the probe LSTM)")
     args = ap.parse_args()
     if not shutil.which("hey"): raise SystemExit("hey not found: `make tools` (Debian package hey)")
     if args.minutes < 2: raise SystemExit("--minutes must be at least 2 (memory growth is measured from minute 2)")
@@ -111,9 +112,10 @@ def main():
     settings = lake_with_data(tmp)
     model_uri = get_model(args, tmp, settings)
     # production-like: the prediction log is on, the alias is polled at its default interval
-    cfg = sv.ServeConfig.from_env(settings, model_uri=model_uri, lake=str(tmp / "pred-lake"), api_keys=())
-    port = sv.free_port()
-    sv.start_server(sv.deployment(cfg, replicas=args.replicas), port=port, host="127.0.0.1", metrics_port=sv.free_port())
+    cfg = sv.ServeConfig.from_settings(settings, model_uri=model_uri, lake=str(tmp / "pred-lake"), api_keys=())
+    port = free_port()
+    sv.start_server(sv.deployment(cfg, replicas=args.replicas), port=port, host="127.0.0.1",
+                    metrics_port=free_port())
     NoOp, _ = baselines()
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop", blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -121,7 +123,8 @@ def main():
     for u in (url, noop): wait_ready(u)
     version = requests.get(f"{base}/readyz", timeout=10).json()["model_version"]
     print(f"serving {model_uri} (version {version}) on {base}, {args.replicas} replica(s)", flush=True)
-    results: dict = {"machine": machine_info("ray", "tensorflow-cpu"), "model_uri": model_uri, "rate": args.rate, "conc": args.conc, "minutes": []}
+    results: dict = {"machine": machine_info("ray", "tensorflow-cpu"), "model_uri": model_uri, "rate": args.rate,
+                     "conc": args.conc, "minutes": []}
     sampler = None
     try:
         hey(url, 5, conc=16)  # warm the whole path
@@ -132,13 +135,15 @@ def main():
         sampler = RssSampler().start()
         sampler.take()
         print(f"\nsoak: {args.rate} req/s for {args.minutes} min", flush=True)
-        print(f"{'min':>3} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}  RSS MiB (end of minute)")
+        print(f"{'min':>3} {'requests':>9} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}  "
+              "RSS MiB (end of minute)")
         for m in range(1, args.minutes + 1):
             r = hey(url, 60, rate=args.rate, conc=args.conc)
             r.update(minute=m, rss=sampler.take(), requests=r["ok"] + r["errors"])
             results["minutes"].append(r)
             rss = "  ".join(f"{k.split(':')[0]} {v['rss_mb']:.0f}" for k, v in sorted(r["rss"].items()))
-            print(f"{m:>3} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.0f} {ms(r['p50'])} {ms(r['p95'])} {ms(r['p99'])}  {rss}",
+            print(f"{m:>3} {r['requests']:>9} {r['errors']:>6} {r['rps']:>7.0f} {ms(r['p50'])} {ms(r['p95'])} "
+                  f"{ms(r['p99'])}  {rss}",
                   flush=True)
     finally:
         if sampler: sampler.stop()
@@ -150,16 +155,20 @@ def main():
     first, last = mins[1]["rss"], mins[-1]["rss"]
     growth, gone = {}, []
     for key in sorted(first):
-        if key not in last: gone.append(key); continue  # the process died or was replaced: a failure in itself
+        if key not in last:  # the process died or was replaced: a failure in itself
+            gone.append(key)
+            continue
         growth[key] = last[key]["rss_mb"] / first[key]["rss_mb"] - 1
     grown = {k: g for k, g in growth.items() if g >= RSS_GROWTH_LIMIT}
     goals = {"zero errors": errors == 0, "p95 < 100 ms in every minute": not slow,
-             f"RSS growth < {RSS_GROWTH_LIMIT:.0%} from minute 2 to minute {len(mins)}, every serving process": not grown and not gone}
+             f"RSS growth < {RSS_GROWTH_LIMIT:.0%} from minute 2 to minute {len(mins)}, every serving process":
+                 not grown and not gone}
     print(f"\nmemory from minute 2 to minute {len(mins)}:")
     one = mins[0]["rss"]
     for k, g in growth.items():
         m1 = f"minute 1 {one[k]['rss_mb']:.1f}, " if k in one else ""
-        print(f"  {k:24} {first[k]['rss_mb']:8.1f} → {last[k]['rss_mb']:8.1f} MiB ({g:+.1%}; {m1}peak {last[k]['peak_mb']:.1f})")
+        print(f"  {k:24} {first[k]['rss_mb']:8.1f} → {last[k]['rss_mb']:8.1f} MiB "
+              f"({g:+.1%}; {m1}peak {last[k]['peak_mb']:.1f})")
     for k in gone: print(f"  {k:24} gone before the last minute (died or replaced)")
     print("\ngoals:")
     for name, ok in goals.items(): print(f"  {'PASS' if ok else 'FAIL'}  {name}")

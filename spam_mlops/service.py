@@ -191,7 +191,7 @@ def _prometheus_kinds(registry):
         return pc.Histogram(name, description, tag_keys, buckets=boundaries, registry=registry)
     return counter, gauge, histogram
 
-
+# %% ../nbs/06b_service.ipynb #c7c78113
 class _Series:
     "The API's metric series, on Ray Serve's metrics API (`backend='ray'`) or a prometheus_client registry."
 
@@ -228,7 +228,7 @@ class _Series:
         if self.backend == "ray": m.set(v, tags=tags)
         else: m.labels(**tags).set(v)
 
-# %% ../nbs/06b_service.ipynb #c7c78113
+# %% ../nbs/06b_service.ipynb #e2cbf3d5
 class Metrics(_Series):
     "The API's metrics: what each request, model call, model switch, log write and dependency failure records."
 
@@ -262,7 +262,7 @@ class Metrics(_Series):
         "Record the state of `dependency`'s circuit breaker (`closed`, `open`, `half-open`)."
         self._set(self._circuit, 0.0 if state == "closed" else 1.0, dependency=dependency)
 
-# %% ../nbs/06b_service.ipynb #d3726fe0
+# %% ../nbs/06b_service.ipynb #e7ead819
 class Service:
     "The API's state: the predictor, the prediction log, the audit log, the metrics and the model registry's health."
 
@@ -306,7 +306,7 @@ class Service:
         return [{"prediction": lab, "spam_probability": float(pr), "model_version": p.version, "request_id": i}
                 for lab, pr, i in zip(labels, probs, ids)]
 
-# %% ../nbs/06b_service.ipynb #a51be514
+# %% ../nbs/06b_service.ipynb #99b645d5
 def _current_version(self: Service) -> str:
     "The version the model URI points at now (through the registry's breaker)."
     if not self._remote(): return model_version(self.config.model_uri)
@@ -336,7 +336,7 @@ def _load_version(self: Service, version: str):
 
 Service._current_version, Service._swap, Service._load_version = _current_version, _swap, _load_version
 
-# %% ../nbs/06b_service.ipynb #99b645d5
+# %% ../nbs/06b_service.ipynb #fef732b9
 def _load(self: Service) -> Service:
     "Load the model the config points at; with the registry unreachable, the cached copy of the last version fetched."
     try: self._load_version(self._current_version())
@@ -371,7 +371,7 @@ def _refresh(self: Service) -> bool:
 
 Service.load, Service.try_load, Service.refresh = _load, _try_load, _refresh
 
-# %% ../nbs/06b_service.ipynb #fef732b9
+# %% ../nbs/06b_service.ipynb #890aa120
 def _retry_s(self: Service) -> float:
     "Seconds between tries while no model is loaded."
     return min(self.config.poll_s, 5.0) if self.config.poll_s > 0 else 5.0
@@ -399,7 +399,7 @@ def _readiness(self: Service) -> dict:
 
 Service._retry_s, Service._refresh_loop, Service.readiness = _retry_s, _refresh_loop, _readiness
 
-# %% ../nbs/06b_service.ipynb #890aa120
+# %% ../nbs/06b_service.ipynb #5450b9fe
 def _start(self: Service) -> Service:
     "Start the prediction log and audit writers and the model refresh poller (which also retries a failed load)."
     self.log.start()

@@ -1,6 +1,6 @@
-"""Pieces shared by tests (and benchmarks) that start a real Ray Serve API: a lake with curated data, a small
-model registered as the champion, waiting for readiness, reading Ray's metrics endpoint, finding the serving
-processes. A plain module, not a conftest: `from serve_helpers import ...` (tests/integration is on sys.path
+"""Pieces shared by tests (and benchmarks) that start a real Ray Serve API: waiting for readiness, reading Ray's
+metrics endpoint, finding the serving processes; the corpus, free ports and champion registration come from
+tests/support. A plain module, not a conftest: `from serve_helpers import ...` (tests/integration is on sys.path
 under pytest's rootdir-relative imports)."""
 from __future__ import annotations
 
@@ -9,64 +9,17 @@ import time
 from pathlib import Path
 
 import requests
-
-SPAM_TEXT = "WINNER!! You have been selected to receive a £900 prize reward! To claim call 09061701461."
-
-
-def corpus_path() -> str:
-    "The SMS corpus: SPAM_MLOPS_SOURCE, else the shared copy beside the repo."
-    root = Path(__file__).resolve().parents[2]
-    for p in (os.environ.get("SPAM_MLOPS_SOURCE"), "/work/shared/data/SMSSpamCollection",
-              root.parent / "shared" / "data" / "SMSSpamCollection"):
-        if p and Path(p).is_file(): return str(p)
-    raise FileNotFoundError("no SMS corpus: set SPAM_MLOPS_SOURCE")
+from support import SPAM_TEXT, corpus_path, free_port, register_champion, train_champion  # noqa: F401
 
 
 def register(tracking_uri: str, keras_file: Path, name: str) -> str:
-    "Log `keras_file` as a pyfunc model, register it under `name`, move the champion alias to it; the version."
-    import mlflow
-    from mlflow.pyfunc import PythonModel
-
-    class KerasModel(PythonModel):
-        def load_context(self, context):
-            import keras
-            self.model = keras.saving.load_model(context.artifacts["keras_model"])
-
-        def predict(self, context, model_input):
-            import tensorflow as tf
-            return self.model(tf.constant([[t] for t in model_input.iloc[:, 0]])).numpy().ravel()
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)  # a registry URI set earlier in this process (train) would win otherwise
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=KerasModel(),
-                                       artifacts={"keras_model": str(keras_file)}, registered_model_name=name)
-    version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(name, "champion", version)
-    return version
+    "Register `keras_file` as the champion of `name` on `tracking_uri` (tests/support); the version."
+    return register_champion(tracking_uri, keras_file, name)
 
 
 def champion(tmp: Path, epochs: int = 1, sample: int | None = 2000, name: str = "spam_detection"):
-    """Ingest and curate the corpus into a lake under `tmp`, fit a small demo LSTM (quality is not the point of
-    a fault test: `sample` messages, `epochs` epochs), register it as the champion of `name` in a SQLite
-    registry under `tmp`. Returns (settings, model URI, version)."""
-    import mlflow
-
-    from spam_mlops import serve as sv
-    from spam_mlops.config import get_settings
-    from spam_mlops.curate import curate, read_curated
-    from spam_mlops.ingest import ingest
-    from spam_mlops.lake import Lake
-
-    settings = get_settings(lake=str(tmp / "lake"), source=corpus_path(), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-    ingest(settings); curate(settings)
-    df = read_curated(Lake.from_settings(settings))
-    if sample and len(df) > sample: df = df.sample(sample, random_state=0)
-    sv.build_demo_model(df.text, (df.label == "spam").astype(int), epochs=epochs).save(tmp / "model.keras")
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve-faults", artifact_location=str(tmp / "artifacts")))
-    version = register(settings.mlflow_tracking_uri, tmp / "model.keras", name)
-    return settings, f"models:/{name}@champion", version
+    "A small demo LSTM registered as the champion of `name` under `tmp` (tests/support): (settings, URI, version)."
+    return train_champion(tmp, epochs=epochs, sample=sample, name=name)
 
 
 def wait_ready(url: str, timeout: float = 240) -> float:

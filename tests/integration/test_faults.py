@@ -30,6 +30,7 @@ from serve_helpers import (
     wait_metric,
     wait_ready,
 )
+from support import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ def serve_api():
     started = []
 
     def start(cfg, replicas: int = 1):
-        port, metrics_port = sv.free_port(), sv.free_port()
+        port, metrics_port = free_port(), free_port()
         started.append(True)
         sv.start_server(sv.deployment(cfg, replicas=replicas), port=port, host="127.0.0.1",
                         metrics_port=metrics_port, num_cpus=2)
@@ -75,7 +76,8 @@ def _hey_counts(out: str) -> tuple[dict[int, int], dict[str, int]]:
     codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
     errors: dict[str, int] = {}
     if "Error distribution:" in out:
-        for n, what in re.findall(r"\[(\d+)\]\s+(.+)", out.split("Error distribution:", 1)[1]): errors[what.strip()] = int(n)
+        for n, what in re.findall(r"\[(\d+)\]\s+(.+)", out.split("Error distribution:", 1)[1]):
+            errors[what.strip()] = int(n)
     return codes, errors
 
 
@@ -107,7 +109,7 @@ def test_replica_killed_under_load(model, serve_api, tmp_path):
     and two replicas RUNNING and routed to (HAProxy UP) again within 30 s of the kill."""
     from spam_mlops import serve as sv
     settings, uri, _ = model
-    cfg = sv.ServeConfig.from_env(settings, model_uri=uri, lake=str(tmp_path / "lake"), poll_s=0, log_flush_s=1.0)
+    cfg = sv.ServeConfig.from_settings(settings, model_uri=uri, lake=str(tmp_path / "lake"), poll_s=0, log_flush_s=1.0)
     url, metrics = serve_api(cfg, replicas=2)
     for _ in range(20): assert requests.post(f"{url}/api/predict", json={"text": SPAM_TEXT}, timeout=10).ok
     before = {p.pid for p in serving_processes()["replica"]}
@@ -152,19 +154,14 @@ def test_replica_killed_under_load(model, serve_api, tmp_path):
         return out
     start = served(scrape(metrics, "ray_spam_api_requests_total"))
     with ThreadPoolExecutor(8) as pool:
-        oks = list(pool.map(lambda _: requests.post(f"{url}/api/predict", json={"text": SPAM_TEXT}, timeout=10).ok, range(400)))
+        def ok(_): return requests.post(f"{url}/api/predict", json={"text": SPAM_TEXT}, timeout=10).ok
+        oks = list(pool.map(ok, range(400)))
     assert all(oks)
     wait_metric(metrics, "ray_spam_api_requests_total",
                 lambda s: sum(v > start.get(r, 0) for r, v in served(s).items()) >= 2, timeout=90)
 
 
 # ---- object store unreachable while the prediction log flushes ----
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Moto:
     "moto's S3 server in a subprocess on a fixed port, so it can be stopped and started again."
@@ -192,7 +189,7 @@ class Moto:
 @pytest.fixture
 def moto(monkeypatch):
     "A killable S3 server; AWS_* variables point at it (set before Ray starts, so replicas inherit them)."
-    m = Moto(_free_port()).start()
+    m = Moto(free_port()).start()
     for k, v in {"AWS_ENDPOINT_URL": m.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
@@ -203,7 +200,8 @@ def moto(monkeypatch):
 def _logged_texts(settings) -> list[str]:
     from spam_mlops.lake import Lake
     lake = Lake.from_settings(settings)
-    return [t for f in lake.list("predictions/") if f.endswith(".parquet") for t in lake.read_parquet(f, columns=["text"]).text]
+    files = [f for f in lake.list("predictions/") if f.endswith(".parquet")]
+    return [t for f in files for t in lake.read_parquet(f, columns=["text"]).text]
 
 
 def test_object_store_down_while_log_flushes(model, moto, serve_api):
@@ -216,7 +214,8 @@ def test_object_store_down_while_log_flushes(model, moto, serve_api):
     settings, uri, _ = model
     bucket, bound, n = f"preds-{uuid.uuid4().hex[:8]}", 200, 500
     lake = get_settings(lake=f"s3://{bucket}/prod")
-    cfg = sv.ServeConfig.from_env(settings, model_uri=uri, lake=lake.lake, poll_s=0, log_flush_s=1.0, log_max_rows=bound)
+    cfg = sv.ServeConfig.from_settings(settings, model_uri=uri, lake=lake.lake, poll_s=0, log_flush_s=1.0,
+                                       log_max_rows=bound)
     url, metrics = serve_api(cfg, replicas=1)
 
     warm = [f"before the outage {i}" for i in range(10)]
@@ -259,7 +258,8 @@ def test_object_store_down_while_log_flushes(model, moto, serve_api):
 def test_hey_report_parsing():
     "The hey report parser counts status codes and connection errors."
     out = ("Status code distribution:\n  [200]\t1490 responses\n  [500]\t3 responses\n\n"
-           "Error distribution:\n  [2]\tPost \"http://x/api/predict\": EOF\n  [1]\tPost \"http://x\": read: connection reset\n")
+           "Error distribution:\n  [2]\tPost \"http://x/api/predict\": EOF\n"
+           "  [1]\tPost \"http://x\": read: connection reset\n")
     codes, errors = _hey_counts(out)
     assert codes == {200: 1490, 500: 3} and sum(errors.values()) == 3
 

@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import pytest
 import requests
-from serve_helpers import corpus_path as _source
-from serve_helpers import register as _register
+from support import corpus_path, free_port, register_champion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,7 +20,8 @@ SPAM = ["WINNER!! As a valued network customer you have been selected to receive
         "To claim call 09061701461. Claim code KL341. Valid 12 hours only.",
         "FREE entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. Text FA to 87121 to receive entry",
         "URGENT! You have won a 1 week FREE membership in our £100,000 Prize Jackpot! Txt the word: CLAIM to No: 81010"]
-HAM = ["Ok lar... Joking wif u oni...", "I'm gonna be home soon and i don't want to talk about this stuff anymore tonight",
+HAM = ["Ok lar... Joking wif u oni...",
+       "I'm gonna be home soon and i don't want to talk about this stuff anymore tonight",
        "Sorry, I'll call later in the meeting"]
 
 
@@ -31,24 +31,24 @@ def server(tmp_path_factory):
     from spam_mlops import serve as sv
     from spam_mlops.config import get_settings
     from spam_mlops.curate import curate, read_curated
+    from spam_mlops.demo import build_demo_model
     from spam_mlops.ingest import ingest
     from spam_mlops.lake import Lake
 
     tmp = tmp_path_factory.mktemp("serve")
-    settings = get_settings(lake=str(tmp / "lake"), source=_source(), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
-    ingest(settings); curate(settings)
+    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus_path()), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    ingest(settings)
+    curate(settings)
     df = read_curated(Lake.from_settings(settings))
-    model = sv.build_demo_model(df.text, (df.label == "spam").astype(int), epochs=3)
+    model = build_demo_model(df.text, (df.label == "spam").astype(int), epochs=3)
     model.save(tmp / "model.keras")
 
-    import mlflow
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve-test", artifact_location=str(tmp / "artifacts")))
-    version = _register(settings.mlflow_tracking_uri, tmp / "model.keras", "spam_detection")
+    version = register_champion(settings.mlflow_tracking_uri, tmp / "model.keras", experiment="serve-test",
+                                artifacts=tmp / "artifacts")
 
-    port, metrics_port = sv.free_port(), sv.free_port()
-    cfg = sv.ServeConfig.from_env(settings, model_uri="models:/spam_detection@champion", api_keys=(KEY,),
-                                  poll_s=1.0, log_flush_s=1.0)
+    port, metrics_port = free_port(), free_port()
+    cfg = sv.ServeConfig.from_settings(settings, model_uri="models:/spam_detection@champion", api_keys=(KEY,),
+                                       poll_s=1.0, log_flush_s=1.0)
     sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=metrics_port, num_cpus=2)
     url = f"http://127.0.0.1:{port}"
     for _ in range(180):
@@ -106,7 +106,8 @@ def test_auth(server):
     (b'{"text": "   "}', "whitespace"), (b'{"text": "\xff"}', "UTF-8"), (b'{"text": "\\udc00"}', "unicode"),
 ])
 def test_bad_input_is_4xx_naming_the_problem(server, body, problem):
-    r = requests.post(f"{server['url']}/api/predict", data=body, headers={"Content-Type": "application/json", **H}, timeout=10)
+    r = requests.post(f"{server['url']}/api/predict", data=body, headers={"Content-Type": "application/json", **H},
+                      timeout=10)
     assert 400 <= r.status_code < 500 and problem.lower() in r.json()["error"].lower(), r.text
     r = requests.post(f"{server['url']}/api/predict/batch", json={"texts": ["x"] * 1001}, headers=H, timeout=10)
     assert r.status_code == 422 and "texts" in r.json()["error"]
@@ -141,10 +142,12 @@ def test_prometheus_counters_move(server):
     for text in SPAM: assert _predict(server["url"], text).status_code == 200
     _predict(server["url"], "x", headers={})
     _wait_metric(server, "ray_spam_api_requests_total",
-                 lambda s: _total(s, route="/api/predict", status="200") >= before + 3 and _total(s, route="/api/predict", status="401") >= 1)
+                 lambda s: _total(s, route="/api/predict", status="200") >= before + 3
+                 and _total(s, route="/api/predict", status="401") >= 1)
     _wait_metric(server, "ray_spam_api_predictions_total", lambda s: _total(s, label="spam") >= before_spam + 3)
     _wait_metric(server, "ray_spam_api_model_info", lambda s: _total(s, version=server["version"]) >= 1)
-    assert _wait_metric(server, "ray_spam_api_request_latency_seconds_count", lambda s: _total(s, route="/api/predict") > 0)
+    assert _wait_metric(server, "ray_spam_api_request_latency_seconds_count",
+                        lambda s: _total(s, route="/api/predict") > 0)
     assert _wait_metric(server, "ray_spam_api_batch_size_count", lambda s: sum(s.values()) > 0)
 
 
@@ -157,13 +160,15 @@ def test_new_champion_picked_up_under_load(server):
             while not stop.is_set():
                 try:
                     r = s.post(f"{server['url']}/api/predict", json={"text": SPAM[0]}, headers=H, timeout=10)
-                    (results if r.status_code == 200 else errors).append(r.json().get("model_version") if r.ok else r.text)
+                    answer = r.json().get("model_version") if r.ok else r.text
+                    (results if r.status_code == 200 else errors).append(answer)
                 except requests.RequestException as e: errors.append(repr(e))
 
     with ThreadPoolExecutor(4) as pool:
         futs = [pool.submit(client) for _ in range(4)]
         time.sleep(2)
-        new = _register(server["settings"].mlflow_tracking_uri, server["tmp"] / "model.keras", "spam_detection")
+        new = register_champion(server["settings"].mlflow_tracking_uri, server["tmp"] / "model.keras",
+                                experiment="serve-test")
         assert new != server["version"]
         end = time.time() + 90
         while time.time() < end and (not results or results[-1] != new): time.sleep(0.5)
@@ -173,7 +178,8 @@ def test_new_champion_picked_up_under_load(server):
     assert not errors, errors[:5]
     assert results[0] == server["version"] and results[-1] == new and len(results) > 50
     assert requests.get(f"{server['url']}/readyz").json()["model_version"] == new
-    _wait_metric(server, "ray_spam_api_model_info", lambda s: _total(s, version=new) >= 1 and _total(s, version=server["version"]) == 0)
+    _wait_metric(server, "ray_spam_api_model_info",
+                 lambda s: _total(s, version=new) >= 1 and _total(s, version=server["version"]) == 0)
     server["version"] = new
 
 
@@ -207,7 +213,8 @@ def test_schemathesis_fuzz_no_server_error(server):
     from hypothesis.errors import Unsatisfiable
     from schemathesis.generation.modes import GenerationMode
     c = schemathesis.checks
-    checks = [c.not_a_server_error, c.status_code_conformance, c.content_type_conformance, c.response_schema_conformance]
+    checks = [c.not_a_server_error, c.status_code_conformance, c.content_type_conformance,
+              c.response_schema_conformance]
     schema = schemathesis.openapi.from_url(f"{server['url']}/openapi.json")
     failures, calls = [], []
     for result in schema.get_all_operations():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from support import corpus_path, free_port, register_champion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,13 +31,6 @@ KEY = "key-ops-1"
 H = {"X-API-Key": KEY}
 SPAM = "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward! Call 09061701461"
 HAM = "Sorry, I'll call later in the meeting"
-
-
-def _source() -> str:
-    for p in (os.environ.get("SPAM_MLOPS_SOURCE"), "/work/shared/data/SMSSpamCollection",
-              Path(__file__).resolve().parents[3] / "shared" / "data" / "SMSSpamCollection"):
-        if p and Path(p).is_file(): return str(p)
-    pytest.fail("no SMS corpus: set SPAM_MLOPS_SOURCE")
 
 
 def _wait(pred, timeout: float, what: str, every: float = 1.0):
@@ -59,15 +53,16 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_file(workdir) -> Path:
     "The probe LSTM fitted on the corpus (3 epochs), saved as a .keras file."
-    from spam_mlops import serve as sv
     from spam_mlops.config import get_settings
     from spam_mlops.curate import curate, read_curated
+    from spam_mlops.demo import build_demo_model
     from spam_mlops.ingest import ingest
     from spam_mlops.lake import Lake
-    settings = get_settings(lake=str(workdir / "lake"), source=_source())
-    ingest(settings); curate(settings)
+    settings = get_settings(lake=str(workdir / "lake"), source=str(corpus_path()))
+    ingest(settings)
+    curate(settings)
     df = read_curated(Lake.from_settings(settings))
-    sv.build_demo_model(df.text, (df.label == "spam").astype(int), epochs=3).save(workdir / "model.keras")
+    build_demo_model(df.text, (df.label == "spam").astype(int), epochs=3).save(workdir / "model.keras")
     return workdir / "model.keras"
 
 
@@ -88,7 +83,8 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,20 +108,22 @@ def test_tls_files_checked_at_start(workdir):
 @pytest.mark.timeout(420)
 def test_https_and_plain_http_refused(workdir, model_file):
     "`spam-mlops serve --tls-cert --tls-key`: a verified HTTPS prediction; plain HTTP to the port gets no HTTP answer."
-    from spam_mlops.serve import free_port
     cert, key = _self_signed(workdir / "tls")
     port, metrics_port = free_port(), free_port()
-    env = os.environ | {"SPAM_MLOPS_LAKE": str(workdir / "tls-lake"), "SPAM_MLOPS_MODEL_CACHE": str(workdir / "tls-cache"),
-                        "SPAM_MLOPS_API_KEYS": KEY, "SPAM_MLOPS_AUDIT_LOG": str(workdir / "tls-audit.jsonl")}
+    env = os.environ | {"SPAM_MLOPS_LAKE": str(workdir / "tls-lake"),
+                        "SPAM_MLOPS_SERVE_MODEL_CACHE": str(workdir / "tls-cache"), "SPAM_MLOPS_SERVE_API_KEYS": KEY,
+                        "SPAM_MLOPS_SERVE_AUDIT_LOG": str(workdir / "tls-audit.jsonl")}
     log = open(workdir / "tls-server.log", "wb")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "spam-mlops"), "serve", "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "spam-mlops"), "serve", "--host", "127.0.0.1",
+                             "--port", str(port),
                              "--metrics-port", str(metrics_port), "--model-uri", str(model_file),
                              "--tls-cert", str(cert), "--tls-key", str(key)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"https://127.0.0.1:{port}"
     try:
         def ready():
-            if proc.poll() is not None: pytest.fail(f"server exited {proc.returncode}: {(workdir / 'tls-server.log').read_text()[-3000:]}")
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}: {(workdir / 'tls-server.log').read_text()[-3000:]}")
             return requests.get(f"{url}/readyz", verify=str(cert), timeout=5).status_code == 200
         _wait(ready, 300, "HTTPS server ready", every=2)
         r = requests.post(f"{url}/api/predict", json={"text": SPAM}, headers=H, verify=str(cert), timeout=10)
@@ -135,7 +133,8 @@ def test_https_and_plain_http_refused(workdir, model_file):
             requests.get(f"{url}/healthz", timeout=5)
         with pytest.raises(requests.ConnectionError):  # plain HTTP to the HTTPS port: no HTTP answer
             requests.post(f"http://127.0.0.1:{port}/api/predict", json={"text": SPAM}, headers=H, timeout=10)
-        _wait(lambda: f"on https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text(), 30, "the CLI's https:// line")
+        _wait(lambda: f"on https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text(), 30,
+              "the CLI's https:// line")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -152,7 +151,6 @@ class MlflowServer:
     "`mlflow server` on a fixed port, SQLite backend, local artifacts; stop and start again on the same port and data."
 
     def __init__(self, folder: Path):
-        from spam_mlops.serve import free_port
         self.folder, self.port = folder, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -176,23 +174,8 @@ class MlflowServer:
 
 
 def _register(tracking_uri: str, keras_file: Path) -> str:
-    "Log `keras_file` as a pyfunc model, register it under NAME, move the champion alias to it; the version."
-    import mlflow
-    from mlflow.pyfunc import PythonModel
-
-    class KerasModel(PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)  # a registry URI set earlier in this process (train) would win otherwise
-    mlflow.set_experiment("hardening")
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=KerasModel(), artifacts={"keras_model": str(keras_file)},
-                                       registered_model_name=NAME)
-    version = str(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri, tracking_uri).set_registered_model_alias(NAME, "champion", version)
-    return version
+    "Register `keras_file` under NAME on `tracking_uri` and move the champion alias to it; the version."
+    return register_champion(tracking_uri, keras_file, NAME, experiment="hardening")
 
 
 @pytest.fixture(scope="module")
@@ -203,30 +186,34 @@ def registry(workdir, model_file):
     srv.versions = [_register(srv.url, model_file)]
     yield srv
     srv.stop() if srv.proc else None
-    import mlflow
-    mlflow.set_tracking_uri(None)
 
 
 def _config(workdir, registry, cache: str, **kw):
     from spam_mlops import serve as sv
     from spam_mlops.config import get_settings
     settings = get_settings(lake=str(workdir / "lake"), mlflow_tracking_uri=registry.url)
-    return sv.ServeConfig.from_env(settings, model_uri=f"models:/{NAME}@champion", api_keys=(f"ops:{KEY}",), poll_s=1.0,
-                                   log_flush_s=1.0, model_cache=str(workdir / cache), retry_attempts=2, breaker_fail_max=2,
-                                   breaker_reset_s=3.0, **kw)
+    return sv.ServeConfig.from_settings(settings, model_uri=f"models:/{NAME}@champion", api_keys=(f"ops:{KEY}",),
+                                        poll_s=1.0, log_flush_s=1.0, model_cache=str(workdir / cache), retry_attempts=2,
+                                        breaker_fail_max=2, breaker_reset_s=3.0, **kw)
 
 
 @pytest.fixture(scope="module")
 def api(workdir, registry):
     "A Ray Serve API over the registry's champion: auth, audit file, model cache, fast refresh and breaker."
     from spam_mlops import serve as sv
-    port, metrics_port = sv.free_port(), sv.free_port()
+    port, metrics_port = free_port(), free_port()
     cfg = _config(workdir, registry, "cache-a", audit_log=str(workdir / "audit.jsonl"))
     sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=metrics_port, num_cpus=2)
     url = f"http://127.0.0.1:{port}"
     _wait(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 240, "API ready", every=2)
     yield dict(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", audit=workdir / "audit.jsonl", cfg=cfg)
     sv.stop_server()
+
+
+def _ready_json(url: str) -> dict | None:
+    "The /readyz answer when ready, else None."
+    r = requests.get(f"{url}/readyz", timeout=5)
+    return r.json() if r.status_code == 200 else None
 
 
 def _predict(url, text=SPAM, headers=H, **kw):
@@ -254,12 +241,15 @@ def test_audit_log(api, registry):
                   30, "audit lines written")
     by_id = {x["request_id"]: x for x in lines}
     for line in lines:
-        assert set(line) == {"time", "request_id", "method", "route", "status", "latency_ms", "model_version", "key_id"}, line
+        assert set(line) == {"time", "request_id", "method", "route", "status", "latency_ms", "model_version",
+                             "key_id"}, line
         assert dt.datetime.fromisoformat(line["time"]).utcoffset() == dt.timedelta(0) and line["latency_ms"] >= 0
-    assert (by_id[ids["ok"]]["status"], by_id[ids["ok"]]["key_id"], by_id[ids["ok"]]["model_version"]) == (200, "ops", registry.versions[0])
+    ok_line = by_id[ids["ok"]]
+    assert (ok_line["status"], ok_line["key_id"], ok_line["model_version"]) == (200, "ops", registry.versions[0])
     assert by_id[ids["fresh"]]["status"] == 200 and by_id[ids["fresh"]]["route"] == "/api/predict"
-    from spam_mlops.serve import key_fingerprint
-    assert by_id[ids["bad_key"]]["status"] == 401 and by_id[ids["bad_key"]]["key_id"] == key_fingerprint(b"wrong-key-99")
+    from spam_mlops.predlog import key_fingerprint
+    bad_line = by_id[ids["bad_key"]]
+    assert bad_line["status"] == 401 and bad_line["key_id"] == key_fingerprint(b"wrong-key-99")
     assert by_id[ids["invalid"]]["status"] == 422 and by_id[ids["invalid"]]["key_id"] == "ops"
     text = api["audit"].read_text()
     assert KEY not in text and "wrong-key-99" not in text and "valued network customer" not in text  # no key, no text
@@ -311,7 +301,8 @@ def test_registry_dies_while_serving_then_returns(api, registry, model_file):
     assert ready["model_version"] == v1 and f"127.0.0.1:{registry.port}" in ready["registry"], ready
     _wait(lambda: _scrape(api, "ray_spam_api_dependency_failures_total") >= 2, 60, "registry failures counted")
     _wait(lambda: _scrape(api, "ray_spam_api_circuit_open") >= 1, 60, "registry circuit open in the metrics")
-    _wait(lambda: _logs_contain("model refresh failed, still serving") and _logs_contain("circuit breaker registry open"),
+    _wait(lambda: _logs_contain("model refresh failed, still serving")
+          and _logs_contain("circuit breaker registry open"),
           30, "refresh failures and the open circuit in the replica's log")
 
     registry.start()
@@ -338,12 +329,13 @@ def test_start_from_cache_with_registry_down(api, registry, workdir):
     cfg = _config(workdir, registry, "cache-a")  # the first API's cache: it holds the current champion
     _deploy(cfg, "b")
     url = f"{api['url']}/b"
-    ready = _wait(lambda: (lambda r: r.json() if r.status_code == 200 else None)(requests.get(f"{url}/readyz", timeout=5)),
+    ready = _wait(lambda: _ready_json(url),
                   180, "API b ready from its cache", every=2)
     assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "cache", ready
     assert f"127.0.0.1:{registry.port}" in ready["registry"]
     r = _predict(url)
-    assert r.status_code == 200 and r.json()["prediction"] == "spam" and r.json()["model_version"] == registry.versions[-1]
+    assert r.status_code == 200 and r.json()["prediction"] == "spam"
+    assert r.json()["model_version"] == registry.versions[-1]
 
 
 @pytest.mark.timeout(400)
@@ -368,7 +360,8 @@ def test_no_cache_not_ready_until_registry_returns(api, registry, workdir):
     assert requests.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
 
     registry.start()
-    ready = _wait(lambda: (lambda r: r.json() if r.status_code == 200 else None)(requests.get(f"{url}/readyz", timeout=5)),
+    ready = _wait(lambda: _ready_json(url),
                   90, "API c ready once the registry is back", every=2)
-    assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "registry" and ready["registry"] == "ok"
+    assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "registry"
+    assert ready["registry"] == "ok"
     assert _predict(url).json()["prediction"] == "spam"
