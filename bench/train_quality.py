@@ -1,7 +1,7 @@
 """Full-size quality of the LSTM beside the char n-gram SVM baseline, on the fixed test split.
 
-Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/train_quality.py [--source feast|lake] [--features] [--ray N]
-       [key=value ...]
+Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/train_quality.py [--source feast|lake] [--features]
+       [--ray N] [key=value ...]
 Prints the machine, the split, each model's test metrics and training time. Trains in-process through the same
 `fit_model` loop that Ray Train and Ray Tune run (`--ray N` also trains through TensorflowTrainer with N workers).
 The training frame comes from Feast's historical retrieval as in `spam-mlops train` (run `spam-mlops feast-apply`
@@ -15,25 +15,24 @@ import time
 import pandas as pd
 
 from spam_mlops.config import get_settings
-from spam_mlops.train import (
+from spam_mlops.model import (
     DEFAULT_CONFIG,
     evaluate,
     export_model,
     fit_model,
     predict_texts,
     prepare_data,
-    run_trainer,
-    split_frame,
     train_baseline,
-    training_frame,
 )
+from spam_mlops.train import run_trainer, split_frame, training_frame
 
 GOAL = {"accuracy": 0.990, "f1": 0.960, "mcc": 0.955, "roc_auc": 0.990}
 
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | {mem:.0f} GB"
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.platform()} | {cpu} | {os.cpu_count()} CPUs | {mem:.0f} GB"
 
 
 def _value(v: str):
@@ -45,8 +44,10 @@ def _value(v: str):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--source", choices=["feast", "lake"], default="feast", help="where the training frame's features come from")
-    ap.add_argument("--features", action="store_true", help="also train the LSTM with the tabular features as a second input")
+    ap.add_argument("--source", choices=["feast", "lake"], default="feast",
+                    help="where the training frame's features come from")
+    ap.add_argument("--features", action="store_true",
+                    help="also train the LSTM with the tabular features as a second input")
     ap.add_argument("--ray", type=int, default=0, help="also train through Ray Train with this many workers")
     ap.add_argument("--seeds", type=int, default=1, help="repeat the LSTM with this many seeds")
     ap.add_argument("overrides", nargs="*", help="config key=value")
@@ -62,7 +63,8 @@ def main():
     rows = {}
     t = time.time()
     _, base = train_baseline(parts)
-    rows["baseline char 2-5 gram TF-IDF + LinearSVC"] = evaluate(test.y.values, base, 0.0) | {"train_s": time.time() - t}
+    base_row = evaluate(test.y.values, base, 0.0) | {"train_s": time.time() - t}
+    rows["baseline char 2-5 gram TF-IDF + LinearSVC"] = base_row
 
     def lstm(name, c, features=False, workers=0):
         data = prepare_data(parts, c, features=features)

@@ -1,11 +1,11 @@
 """A full ASHA search on this machine: trials run and stopped early, wall time against an estimate without early
 stopping, and the winner's test figures against the training issue's quality goal (and the char n-gram baseline).
 
-Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/tune_search.py [--num-samples 20] [--epochs 8] [--grace-period 2]
-       [--reduction-factor 3] [--concurrency 2] [--sample-n N] [--metric val_loss]
-The lake needs ingest, curate and features run. Tracking goes to a temporary SQLite store unless --tracking-uri is given.
-The estimate without early stopping is each trial's mean epoch time times the epoch budget, summed, divided by the
-concurrency, plus the same per-trial start-up overhead the real search paid.
+Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/tune_search.py [--num-samples 20] [--epochs 8]
+       [--grace-period 2] [--reduction-factor 3] [--concurrency 2] [--sample-n N] [--metric val_loss]
+The lake needs ingest, curate and features run. Tracking goes to a temporary SQLite store unless --tracking-uri is
+given. The estimate without early stopping is each trial's mean epoch time times the epoch budget, summed, divided by
+the concurrency, plus the same per-trial start-up overhead the real search paid.
 """
 import argparse
 import os

@@ -52,7 +52,7 @@ def _repo(tmp: Path) -> str:
 
 @pytest.fixture(scope="module")
 def feast_repo(pipeline_lake, tmp_path_factory):
-    "A private feature repo with the Feast definitions applied over the pipeline lake (what `spam-mlops feast-apply` does)."
+    "A private feature repo with the Feast definitions applied over the pipeline lake (`spam-mlops feast-apply`)."
     repo = _repo(tmp_path_factory.mktemp("feast") / "feature_repo")
     apply(get_settings(lake=pipeline_lake.lake, feature_repo=repo, online_store="sqlite"))
     return repo
@@ -135,7 +135,8 @@ def test_feast_frame_names_lost_messages(pipeline_lake, tmp_path):
     feats = lk.read_parquet(FEATURES)
     lk.write_parquet(FEATURES, feats.iloc[3:].reset_index(drop=True))
     apply(s)
-    with pytest.raises(TrainError, match=rf"lost curated messages: 3 of {len(feats)} entity rows .*spam-mlops feast-apply"):
+    lost = rf"lost curated messages: 3 of {len(feats)} entity rows .*spam-mlops feast-apply"
+    with pytest.raises(TrainError, match=lost):
         training_frame(s)
     with pytest.raises(TrainError, match="3 curated messages have no features"):
         training_frame(s, source="lake")
@@ -219,7 +220,8 @@ def test_ray_train_with_two_workers(tracking):
     assert not ray.is_initialized()  # run_trainer started Ray through spam_mlops.cluster and stopped it again
     assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.9
     for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        assert [(m.step, m.value) for m in client.get_metric_history(run_id, k)] == [(e["epoch"], pytest.approx(e[k])) for e in hist]
+        logged = [(m.step, m.value) for m in client.get_metric_history(run_id, k)]
+        assert logged == [(e["epoch"], pytest.approx(e[k])) for e in hist]
     p = predict_texts(export_model(data["vocabulary"], net, c["max_len"]), parts["test"].clean_text)
     assert ((p > 0.5) == parts["test"].y.values).mean() > 0.9
 
@@ -267,7 +269,8 @@ def test_train_logs_a_complete_run_and_gates(pipeline_lake, feast_repo, tracking
     info = mlflow.models.get_model_info(flav_uri)
     assert "tensorflow" in info.flavors and info.run_id == first.run_id and info.saved_input_example_info
     assert info.signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "str", "shape": (-1, 1)}}]
-    assert mlflow.models.Model.load(flav_uri).load_input_example(mlflow.artifacts.download_artifacts(flav_uri)).shape == (3, 1)
+    example = mlflow.models.Model.load(flav_uri).load_input_example(mlflow.artifacts.download_artifacts(flav_uri))
+    assert example.shape == (3, 1)
     flav = mlflow.tensorflow.load_model(flav_uri)
     clean = clean_text(pd.Series(texts, dtype="string")).astype(str).tolist()
     assert np.abs(predict_texts(flav, clean) - p).max() < 1e-5

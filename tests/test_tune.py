@@ -59,7 +59,8 @@ def _children(client, parent_id: str, role: str = "trial"):
 
 @pytest.mark.parametrize("kw, msg", [
     ({"space": {}}, "search space is empty"),
-    ({"space": {"embedding_dim": ("choice", [16]), "units": ("choice", [8])}}, r"unknown parameter\(s\) in the search space: \['units'\]"),
+    ({"space": {"embedding_dim": ("choice", [16]), "units": ("choice", [8])}},
+     r"unknown parameter\(s\) in the search space: \['units'\]"),
     ({"space": {"max_len": ("choice", [16, 32])}}, "unknown parameter"),
     ({"metric": "test_mcc"}, "no trial reports the metric 'test_mcc'"),
     ({"metric": "val_f1"}, "no trial reports the metric 'val_f1'"),
@@ -138,10 +139,12 @@ def test_search_with_a_crashing_trial_and_asha_stops(tracked, ray_cluster):
     assert parent.data.params["best.learning_rate"] == "0.01" and parent.data.params["metric"] == "val_loss"
     trials = _children(client, rep.parent_run_id)
     assert sorted(r.info.status for r in trials) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
-    epochs = sorted(len(client.get_metric_history(r.info.run_id, "val_loss")) for r in trials if r.info.status == "FINISHED")
+    epochs = sorted(len(client.get_metric_history(r.info.run_id, "val_loss"))
+                    for r in trials if r.info.status == "FINISHED")
     assert epochs == [1, 3]
     assert all({"embedding_dim", "lstm_units", "dropout", "batch_size"} <= set(r.data.params) for r in trials)
-    arts = {a.path for a in client.list_artifacts(rep.parent_run_id)} | {a.path for a in client.list_artifacts(rep.parent_run_id, "plots")}
+    arts = ({a.path for a in client.list_artifacts(rep.parent_run_id)}
+            | {a.path for a in client.list_artifacts(rep.parent_run_id, "plots")})
     assert {"best_config.json", "trials.csv", "plots/metric_per_epoch.html", "plots/parallel_coordinates.html"} <= arts
     assert len(rep.figures["metric_per_epoch"].data) == 2
     [winner] = _children(client, rep.parent_run_id, "winner")
@@ -169,11 +172,13 @@ def test_interrupted_search_resumes_from_the_lake(tracked, ray_cluster):
     name = f"r-{uuid.uuid4().hex[:8]}"
     uri = tracked.mlflow_tracking_uri
     code = ("from spam_mlops.config import get_settings; from spam_mlops.tune import search; "
-            f"search(get_settings(lake={tracked.lake!r}), space={{'learning_rate': ('grid', [0.01, 0.02, 0.03, 0.04])}}, "
+            f"search(get_settings(lake={tracked.lake!r}), "
+            "space={'learning_rate': ('grid', [0.01, 0.02, 0.03, 0.04])}, "
             f"num_samples=1, epochs=2, grace_period=2, concurrency=1, sample_n=500, name={name!r}, "
             f"config={TINY!r}, retrain=False, num_cpus=1)")
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         end = time.monotonic() + 400
         while _count_finished(uri, name) < 2 and proc.poll() is None and time.monotonic() < end: time.sleep(0.5)
@@ -190,7 +195,8 @@ def test_interrupted_search_resumes_from_the_lake(tracked, ray_cluster):
     exp = client.get_experiment_by_name("spam_detection").experiment_id
     [parent] = client.search_runs([exp], f"tags.`tune.search` = '{name}' and tags.`tune.role` = 'search'")
     assert parent.info.status == "KILLED"
-    finished_first = {r.data.tags["trial_name"] for r in _children(client, parent.info.run_id) if r.info.status == "FINISHED"}
+    finished_first = {r.data.tags["trial_name"] for r in _children(client, parent.info.run_id)
+                      if r.info.status == "FINISHED"}
 
     rep = search(tracked, name=name, resume=True, retrain=False)
     assert rep.trials == 4 and rep.errored == 0 and rep.parent_run_id == parent.info.run_id

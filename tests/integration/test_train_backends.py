@@ -24,7 +24,7 @@ def test_train_register_and_load_through_server(pipeline_lake, mlflow_pg_server,
     url, _, artifacts = mlflow_pg_server
     bucket = artifacts[5:].split("/")[0]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    repo = tmp_path / "feature_repo"  # a private Feast repository (own registry), applied as `spam-mlops feast-apply` does
+    repo = tmp_path / "feature_repo"  # a private Feast repository (own registry), applied as `spam-mlops feast-apply`
     shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     s = get_settings(lake=pipeline_lake.lake, feature_repo=str(repo), online_store="sqlite")
     apply(s)
@@ -35,10 +35,12 @@ def test_train_register_and_load_through_server(pipeline_lake, mlflow_pg_server,
 
     client = mlflow.MlflowClient(url, url)
     run = client.get_run(report.run_id)
-    assert run.info.status == "FINISHED" and "test_mcc" in run.data.metrics and run.data.params["features_source"] == "feast"
+    assert run.info.status == "FINISHED" and "test_mcc" in run.data.metrics
+    assert run.data.params["features_source"] == "feast"
     for k in ("loss", "accuracy", "val_loss", "val_accuracy"):  # logged live through the server, one point per epoch
         assert [m.step for m in client.get_metric_history(report.run_id, k)] == [h["epoch"] for h in report.history]
-    assert mlflow.artifacts.load_dict(f"runs:/{report.run_id}/{BASELINE_ARTIFACT}")["model"]["version"] == report.version
+    baseline = mlflow.artifacts.load_dict(f"runs:/{report.run_id}/{BASELINE_ARTIFACT}")
+    assert baseline["model"]["version"] == report.version
     assert str(client.get_model_version_by_alias(s.model_name, "champion").version) == report.version
 
     # the artifacts really are in the bucket, not on the local disk
