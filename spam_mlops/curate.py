@@ -53,7 +53,7 @@ _RULES = [
 ]
 CHUNK = 1 << 15  # rows per task when a large batch is split over the cores
 
-
+# %% ../nbs/01_curate.ipynb #2c3d4e5f
 def to_arrow(text) -> pa.Array:
     "Texts (a Series, list or Arrow array) as one Arrow string array."
     if isinstance(text, pd.Series): text = text.array
@@ -68,7 +68,7 @@ def map_chunks(fn, arr: pa.Array, size: int = CHUNK) -> list:
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         return list(pool.map(fn, (arr.slice(i, size) for i in range(0, len(arr), size))))
 
-
+# %% ../nbs/01_curate.ipynb #4e5f6071
 def _unescape(a: pa.Array) -> pa.Array:
     "HTML entities unescaped, in Python only for the rare rows that contain `&`."
     mask = pc.match_substring(a, "&")

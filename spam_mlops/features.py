@@ -47,9 +47,10 @@ def _byte_classes(*ranges: bytes) -> np.ndarray:
     return t
 
 
-DIGIT, UPPER, LETTER, SPACE = _byte_classes(b"09"), _byte_classes(b"AZ"), _byte_classes(b"AZ", b"az"), _byte_classes(b"\t\r", b" ")
+DIGIT, UPPER = _byte_classes(b"09"), _byte_classes(b"AZ")
+LETTER, SPACE = _byte_classes(b"AZ", b"az"), _byte_classes(b"\t\r", b" ")
 
-
+# %% ../nbs/02_features.ipynb #60718293
 def _per_string(a: pa.Array, flags_fn) -> np.ndarray:
     "Sum over each string's bytes of `flags_fn(bytes)` (a 0/1 array): one pass over the whole buffer."
     offsets = np.frombuffer(a.buffers()[1], np.int32)[a.offset:a.offset + len(a) + 1]
@@ -72,7 +73,7 @@ def _word_starts(data, offsets):
     start[first] = word[first]  # a string's first byte has no byte before it
     return start
 
-
+# %% ../nbs/02_features.ipynb #8293a4b5
 def _features(a: pa.Array) -> pa.Table:
     # ASCII digits, letters and spaces are single bytes in UTF-8: counting bytes counts characters
     n, low = pc.utf8_length(a).to_numpy(), pc.utf8_lower(a)

@@ -64,11 +64,12 @@ def _download(url: str, timeout: float) -> bytes:
             total = int(r.headers.get("content-length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="download", leave=False) as bar:
                 for chunk in r.iter_content(1 << 16):
-                    buf.write(chunk); bar.update(len(chunk))
+                    buf.write(chunk)
+                    bar.update(len(chunk))
             return buf.getvalue()
     except (requests.ConnectionError, requests.Timeout) as e: raise _Retryable(str(e)) from e
 
-
+# %% ../nbs/00_ingest.ipynb #ab1c2d3e
 def _extract(data: bytes, member: str = "SMSSpamCollection") -> bytes:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -143,7 +144,7 @@ class IngestReport:
         return (f"ingest: {self.rows_read} lines read, {self.rows_accepted} accepted, "
                 f"{self.rows_refused} refused{f' (see {self.quarantine})' if self.rows_refused else ''}; {state}")
 
-
+# %% ../nbs/00_ingest.ipynb #cd3e4f50
 def ingest(settings: Settings | None = None, source: str | None = None, lake: Lake | None = None) -> IngestReport:
     "Fetch, verify and validate the corpus; write `raw/`, `quarantine/` and the manifest."
     settings = settings or get_settings()
@@ -157,7 +158,8 @@ def ingest(settings: Settings | None = None, source: str | None = None, lake: La
     if lake.exists(MANIFEST) and lake.exists(RAW_CSV):
         old = lake.read_json(MANIFEST)
         if old.get("source_sha256") == sha:
-            return IngestReport(**{k: old[k] for k in IngestReport.__dataclass_fields__ if k in old and k != "unchanged"}, unchanged=True)
+            kept = {k: old[k] for k in IngestReport.__dataclass_fields__ if k in old and k != "unchanged"}
+            return IngestReport(**kept, unchanged=True)
     accepted, refused = parse_lines(data)
     quarantine = lake.write_bytes(QUARANTINE, refused.to_csv(index=False).encode()) if len(refused) else None
     if accepted.empty:

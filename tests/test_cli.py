@@ -57,6 +57,28 @@ def test_failures_are_one_clear_line(tmp_path, lake_env):
     assert r.returncode == 1 and "IngestError" in r.stderr and "-FAILED.ipynb" in r.stderr
 
 
+NOISE = ("oneDNN", "absl::InitializeLog", "cpu_feature_guard", "Started a local Ray instance", "Token authentication",
+         "INFO mlflow", "WARNING mlflow", "Warning", "Downloading artifacts")
+
+
+@pytest.mark.timeout(900)
+def test_the_console_is_quiet_unless_verbose(lake_env, tmp_path):
+    """`spam-mlops train` prints its result line without the start-up logs of TensorFlow, absl, Ray and MLflow;
+    `spam-mlops -v` shows them."""
+    env = lake_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert [_cli(stage, env=env).returncode for stage in ("ingest", "curate", "features")] == [0, 0, 0]
+    args = ("train", "--sample", "600", "--epochs", "1", "--features-source", "lake")
+    quiet = _cli(*args, "--workers", "1", env=env)  # Ray Train: Ray's start-up lines too
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stdout.strip().splitlines()[-1].startswith("train: run ")
+    print(f"\nquiet train: {len(quiet.stdout.splitlines())} line(s) on stdout, {len(quiet.stderr.splitlines())} on "
+          f"stderr: {quiet.stderr!r}")
+    assert not [n for n in NOISE if n in quiet.stderr], quiet.stderr
+    verbose = _cli("-v", *args, "--workers", "0", env=env)  # in-process: TensorFlow's and MLflow's lines
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "oneDNN" in verbose.stderr and "mlflow" in verbose.stderr, verbose.stderr
+
+
 def test_wheel_installs_into_a_fresh_virtualenv(tmp_path):
     "Build the wheel, install it alone into a new venv (dependencies shared read-only), run the CLI there."
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist"), str(ROOT)],
@@ -67,8 +89,9 @@ def test_wheel_installs_into_a_fresh_virtualenv(tmp_path):
     py = env_dir / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    deps = subprocess.run([sys.executable, "-c", "import pandas, os; print(os.path.dirname(os.path.dirname(pandas.__file__)))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    where_pandas = "import pandas, os; print(os.path.dirname(os.path.dirname(pandas.__file__)))"
+    deps = subprocess.run([sys.executable, "-c", where_pandas], capture_output=True, text=True,
+                          check=True).stdout.strip()
     Path(site, "shared_deps.pth").write_text(deps + "\n")  # a plain path: the dev venv's editable hook stays off
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=300)
     where = subprocess.run([str(py), "-c", "import spam_mlops; print(spam_mlops.__file__)"],
