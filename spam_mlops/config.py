@@ -14,16 +14,17 @@ Docs: https://spam-mlops.github.io/spam_mlops/config.html.md"""
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 # %% auto #0
-__all__ = ['UCI_URL', 'UCI_SHA256', 'SpamMlopsError', 'ConfigError', 'Settings', 'env_name', 'get_settings', 'child_env',
-           'Section', 'ServeSettings', 'DriftSettings', 'RetrainSettings', 'BackupSettings']
+__all__ = ['UCI_URL', 'UCI_SHA256', 'LakeRoot', 'Source', 'Endpoint', 'SpamMlopsError', 'ConfigError', 'Settings', 'env_name',
+           'get_settings', 'child_env', 'Section', 'ServeSettings', 'DriftSettings', 'RetrainSettings',
+           'BackupSettings']
 
-# %% ../nbs/08_config.ipynb #14333750
+# %% ../nbs/08_config.ipynb #a3c1e0f2
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 UCI_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # of the extracted SMSSpamCollection
 
@@ -35,13 +36,38 @@ class SpamMlopsError(Exception):
 class ConfigError(SpamMlopsError, ValueError):
     "Invalid configuration; the message names the environment variable."
 
+# %% ../nbs/08_config.ipynb #b7d2e4a9
+def _lake_root(v: str) -> str:
+    if not v.strip(): raise ValueError("must not be empty")
+    if "://" in v and not v.startswith(("s3://", "file://")):
+        raise ValueError(f"{v!r}: use a folder path or s3://bucket[/prefix]")
+    if v.startswith("s3://") and not v[5:].strip("/"): raise ValueError("s3:// needs a bucket name")
+    return v
 
+
+def _source(v: str) -> str:
+    if not v.strip(): raise ValueError("must not be empty")
+    if "://" in v and not v.startswith(("http://", "https://", "s3://", "file://")):
+        raise ValueError(f"{v!r}: use a path, an http(s) URL or an s3:// URI")
+    return v
+
+
+def _endpoint(v: str | None) -> str | None:
+    if v and not v.startswith(("http://", "https://")): raise ValueError(f"{v!r}: must start with http:// or https://")
+    return v or None
+
+
+LakeRoot = Annotated[str, AfterValidator(_lake_root)]  # a folder or s3://bucket[/prefix]
+Source = Annotated[str, AfterValidator(_source)]  # a path, an http(s) URL or an s3:// URI
+Endpoint = Annotated[str | None, AfterValidator(_endpoint)]  # an http(s) URL
+
+# %% ../nbs/08_config.ipynb #14333750
 class Settings(BaseSettings):
     "Project settings, read from environment variables."
     model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_", frozen=True, extra="ignore", populate_by_name=True)
 
-    lake: str = "./lake"  # lake root: a folder or s3://bucket[/prefix]
-    source: str = UCI_URL  # raw corpus: path, http(s) URL or s3:// URI
+    lake: LakeRoot = "./lake"  # lake root: a folder or s3://bucket[/prefix]
+    source: Source = UCI_URL  # raw corpus: path, http(s) URL or s3:// URI
     source_sha256: str | None = None  # expected sha256 of the corpus file (defaults to UCI's for the UCI URL)
     notebooks: str = "./nbs"  # notebooks run by `spam-mlops run`
     feature_repo: str = "./feature_repo"  # the Feast repository
@@ -49,36 +75,13 @@ class Settings(BaseSettings):
     model_name: str = "spam_detection"  # registered model name
     online_store: Literal["sqlite", "redis"] = "sqlite"  # Feast online store
     redis_url: str = "redis://127.0.0.1:6379/0"  # Redis for the Feast online store
-    s3_endpoint: str | None = Field(None, validation_alias=AliasChoices("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"))
+    s3_endpoint: Endpoint = Field(None, validation_alias=AliasChoices("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"))
     aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
     aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False)
     aws_region: str = Field("us-east-1", validation_alias="AWS_DEFAULT_REGION")
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
     ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")  # a Ray cluster to join; None: start one
     git_commit: str | None = Field(None, validation_alias="GIT_COMMIT")  # recorded with training runs
-
-    @field_validator("lake")
-    @classmethod
-    def _check_lake(cls, v: str) -> str:
-        if not v.strip(): raise ValueError("must not be empty")
-        if "://" in v and not v.startswith(("s3://", "file://")):
-            raise ValueError(f"{v!r}: use a folder path or s3://bucket[/prefix]")
-        if v.startswith("s3://") and not v[5:].strip("/"): raise ValueError("s3:// needs a bucket name")
-        return v
-
-    @field_validator("source")
-    @classmethod
-    def _check_source(cls, v: str) -> str:
-        if not v.strip(): raise ValueError("must not be empty")
-        if "://" in v and not v.startswith(("http://", "https://", "s3://", "file://")):
-            raise ValueError(f"{v!r}: use a path, an http(s) URL or an s3:// URI")
-        return v
-
-    @field_validator("s3_endpoint")
-    @classmethod
-    def _check_endpoint(cls, v: str | None) -> str | None:
-        if v and not v.startswith(("http://", "https://")): raise ValueError(f"{v!r}: must start with http:// or https://")
-        return v or None
 
     @property
     def expected_source_sha256(self) -> str | None:

@@ -75,3 +75,14 @@ def test_the_checker_sees_a_cycle_and_package_imports():
     import ast
     tree = ast.parse("from .b import x\nfrom spam_mlops import c\nimport spam_mlops.d\n")
     assert module_map.imports(tree, {"b", "c", "d", "e"}) == {"b", "c", "d"}
+
+
+def test_lines_stay_within_120_characters():
+    "Every line of the package, tests, benchmarks and scripts, but the `__all__` line nbdev writes."
+    long = []
+    for folder in ("spam_mlops", "tests", "bench", "scripts"):
+        for p in (ROOT / folder).rglob("*.py"):
+            if p.name == "_modidx.py": continue
+            long += [f"{p.relative_to(ROOT)}:{i}" for i, line in enumerate(p.read_text().splitlines(), 1)
+                     if len(line) > 120 and not line.startswith("__all__ = ")]
+    assert long == []
