@@ -10,18 +10,23 @@ import uuid
 from pathlib import Path
 
 import boto3
-import mlflow
 import numpy as np
 import pytest
-from conftest import pg_exec
+from support import pg_exec
 
+from spam_mlops import registry
 from spam_mlops.backup import BackupError, backup, latest_backup, restore
 from spam_mlops.config import get_settings
 from spam_mlops.lake import Lake
-from spam_mlops.train import RegistryError, load_keras_model, predict_texts, train
+from spam_mlops.registry import RegistryError
+from spam_mlops.train import predict_texts, train
 
 pytestmark = pytest.mark.integration
 TEXTS = ["WINNER!! claim your free prize now, call xphone", "ok see you at home later"]
+
+
+def _runs(client, experiment: str) -> set[str]:
+    return {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])}
 
 
 def test_backup_drop_restore(pipeline_lake, mlflow_pg_server, s3_env, monkeypatch, tmp_path):
@@ -30,9 +35,9 @@ def test_backup_drop_restore(pipeline_lake, mlflow_pg_server, s3_env, monkeypatc
     s = get_settings(lake=pipeline_lake.lake)
     report = train(s, {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 1}, sample_n=600, workers=0,
                    recall_floor=0.0, features_source="lake")  # the point is the backup, not Feast
-    client = mlflow.MlflowClient(url, url)
-    before = predict_texts(load_keras_model(f"models:/{s.model_name}@champion"), TEXTS)
-    runs_before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(s.experiment).experiment_id])}
+    client, champion = registry.client(url), f"models:/{s.model_name}@champion"
+    before = predict_texts(registry.load_keras(client, champion), TEXTS)
+    runs_before = _runs(client, s.experiment)
 
     bk = backup(db_url, artifacts, "s3://spam-backups/mlflow", s)
     assert bk.files > 3 and latest_backup("s3://spam-backups/mlflow", s) == bk.location
@@ -46,15 +51,15 @@ def test_backup_drop_restore(pipeline_lake, mlflow_pg_server, s3_env, monkeypatc
     assert not list(s3.Bucket(bucket).objects.filter(Prefix=prefix))
     with monkeypatch.context() as m:  # the server answers 500 now: fail at once instead of minutes of backoff
         m.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        with pytest.raises(RegistryError, match="cannot load"):
-            load_keras_model(f"models:/{s.model_name}@champion")
+        with pytest.raises(RegistryError, match="unreachable|no model at"):
+            registry.load_keras(registry.client(url), champion)
 
     restore(bk.location, db_url, artifacts, s)
-    runs_after = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(s.experiment).experiment_id])}
+    runs_after = _runs(client, s.experiment)
     assert runs_after == runs_before and report.run_id in runs_after
     assert client.get_run(report.run_id).data.metrics["test_mcc"] == report.metrics["mcc"]
     assert client.get_model_version_by_alias(s.model_name, "champion").version == report.version
-    after = predict_texts(load_keras_model(f"models:/{s.model_name}@champion"), TEXTS)
+    after = predict_texts(registry.load_keras(client, champion), TEXTS)
     np.testing.assert_allclose(after, before, rtol=1e-6)
 
 
@@ -86,10 +91,15 @@ def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
         env = os.environ | {"SPAM_MLOPS_BACKUP_DB": url, "SPAM_MLOPS_BACKUP_ARTIFACTS": str(tmp_path / "artifacts"),
                             "SPAM_MLOPS_BACKUP_DEST": str(tmp_path / "cron"), "SPAM_MLOPS_BACKUP_DUMP": str(dump),
                             "PATH": str(Path(sys.executable).parent)}
-        out = subprocess.run([str(Path(sys.executable).parent / "spam-mlops"), "backup"], env=env, capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run([str(Path(sys.executable).parent / "spam-mlops"), "backup"], env=env,
+                             capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        assert "backup: 2 files" in out.stdout and latest_backup(str(tmp_path / "cron"), s).startswith(str(tmp_path / "cron"))
+        assert "backup: 2 files" in out.stdout
+        assert latest_backup(str(tmp_path / "cron"), s).startswith(str(tmp_path / "cron"))
+        del env["SPAM_MLOPS_BACKUP_DEST"]  # a missing setting is named with both ways to give it
+        out = subprocess.run([str(Path(sys.executable).parent / "spam-mlops"), "backup"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.strip() == "error: give --dest or set SPAM_MLOPS_BACKUP_DEST"
 
         pg_exec(f"DROP DATABASE {db} WITH (FORCE)")
         shutil.rmtree(tmp_path / "artifacts")
@@ -99,6 +109,7 @@ def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
 
         (tmp_path / "not-a-dump.sql").write_text("CREATE TABLE x ();")
         with pytest.raises(BackupError, match="not a pg_dump custom-format file"):
-            backup(url, str(tmp_path / "artifacts"), str(tmp_path / "backups"), s, dump_file=str(tmp_path / "not-a-dump.sql"))
+            backup(url, str(tmp_path / "artifacts"), str(tmp_path / "backups"), s,
+                   dump_file=str(tmp_path / "not-a-dump.sql"))
     finally:
         pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
