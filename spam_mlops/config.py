@@ -197,9 +197,9 @@ class RetrainSettings(Section):
     lock_ttl_hours: float = Field(6.0, gt=0)  # a lock older than this is taken as stale
     train_config: dict = Field(default_factory=dict)  # JSON: training config overrides
     train_sample_n: int = Field(0, ge=0)  # 0: all rows
-    train_workers: int = Field(1, ge=1)  # Ray Train workers of a local retrain
+    train_workers: int = Field(1, ge=0)  # Ray Train workers of a local retrain; 0: in-process, no Ray
     namespace: str | None = None  # Kubernetes namespace of the RayJobs (default: the pod's own)
-    template: str = "spam-train"  # ConfigMap holding the RayJob template
+    template: str = "spam-train"  # name of the suspended RayJob copied for each retraining
     manifest: str | None = None  # a RayJob template file instead of the ConfigMap
 
 # %% ../nbs/08_config.ipynb #032b9773

@@ -16,18 +16,19 @@ spec.loader.exec_module(module_map)
 # lower number, lower layer: a module may import only modules of a lower layer
 LAYERS = {
     "config": 0,
-    "lake": 1, "resilience": 1, "registry": 1, "cluster": 1,
-    "ingest": 2, "backup": 2,
-    "curate": 3,
-    "features": 4,
-    "feature_store": 5, "predlog": 5,
-    "profile": 6, "model": 6, "service": 6,
-    "train": 7, "api": 7,
-    "tune": 8, "serve": 8,
-    "retrain": 9,
-    "drift": 10,
-    "demo": 11,
-    "cli": 12,
+    "lake": 1, "resilience": 1,
+    "registry": 2, "cluster": 2,
+    "ingest": 3, "backup": 3,
+    "curate": 4,
+    "features": 5,
+    "feature_store": 6, "predlog": 6,
+    "profile": 7, "model": 7, "service": 7,
+    "train": 8, "api": 8,
+    "tune": 9, "serve": 9,
+    "retrain": 10,
+    "drift": 11,
+    "demo": 12,
+    "cli": 13,
 }
 SERVING = {"service", "api", "serve"}
 TRAINING = {"model", "train", "tune", "retrain", "drift", "profile", "feature_store"}
