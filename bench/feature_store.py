@@ -6,9 +6,10 @@ materialization, and a raw Redis PING / an SQLite primary-key SELECT for the flo
 
     .venv/bin/python bench/feature_store.py [--rows 50000] [--calls 1000] [--redis-url redis://127.0.0.1:6379/12]
 
-The lake is made by the pipeline (ingest, curate, features) from SPAM_MLOPS_SOURCE (default ../shared/data) in a
-temporary folder; its feature rows are repeated under new message ids up to --rows. The Redis database given is
-used for the run and the keys written are deleted at the end.
+The lake is made by the pipeline (ingest, curate, features) from the corpus of tests/support's `corpus_path`
+(SPAM_MLOPS_SOURCE when a local file, default ../shared/data) in a temporary folder; its feature rows are repeated
+under new message ids up to --rows. The Redis database given is used for the run and the keys written are deleted
+at the end.
 """
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ import numpy as np
 import pandas as pd
 import redis
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "tests"))
 from machine import machine  # noqa: E402
+from support import corpus_path  # noqa: E402
 
 from spam_mlops.config import get_settings  # noqa: E402
 from spam_mlops.curate import curate  # noqa: E402
@@ -43,14 +47,12 @@ from spam_mlops.features import FEATURE_TYPES, FEATURES, features  # noqa: E402
 from spam_mlops.ingest import ingest  # noqa: E402
 from spam_mlops.lake import Lake  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = os.environ.get("SPAM_MLOPS_SOURCE", str(ROOT.parent / "shared" / "data" / "SMSSpamCollection"))
 GOAL_P99_MS = 10.0
 
 
 def make_lake(tmp: Path, rows: int) -> tuple[str, pd.DataFrame]:
     "A lake with the pipeline run on the corpus, its features repeated under new ids up to `rows`."
-    s = get_settings(lake=str(tmp / "lake"), source=SOURCE)
+    s = get_settings(lake=str(tmp / "lake"), source=str(corpus_path()))
     ingest(s), curate(s), features(s)
     lake = Lake.from_settings(s)
     f = lake.read_parquet(FEATURES)
@@ -72,7 +74,9 @@ def latencies(fn, calls: int, warmup: int = 50) -> list[float]:
     for i in range(warmup): fn(i)
     out = []
     for i in range(calls):
-        t0 = time.perf_counter(); fn(i); out.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        fn(i)
+        out.append((time.perf_counter() - t0) * 1000)
     return out
 
 
@@ -96,7 +100,8 @@ def raw_redis_write(url: str, df: pd.DataFrame) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(df), 1000):
         p = r.pipeline(transaction=False)
-        for mid, v in zip(df.message_id.iloc[i:i + 1000], vals[i:i + 1000], strict=True): p.hset(prefix + mid, mapping=v)
+        for mid, v in zip(df.message_id.iloc[i:i + 1000], vals[i:i + 1000], strict=True):
+            p.hset(prefix + mid, mapping=v)
         p.execute()
     dt = time.perf_counter() - t0
     for i in range(0, len(df), 1000): r.delete(*[prefix + m for m in df.message_id.iloc[i:i + 1000]])
@@ -116,7 +121,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-feast-"))
     shutil.copytree(ROOT / "feature_repo", tmp / "repo", ignore=shutil.ignore_patterns("data", "__pycache__"))
     lake, df = make_lake(tmp, a.rows)
-    stores = {name: get_settings(lake=lake, feature_repo=str(tmp / "repo"), online_store=name, redis_url=a.redis_url)
+    stores = {name: get_settings(lake=lake, feature_repo=str(tmp / "repo"), online_store=name,
+                                 redis_url=a.redis_url)
               for name in ("sqlite", "redis")}
     rng = np.random.default_rng(0)
     ids = df.message_id.to_numpy()
@@ -127,9 +133,12 @@ def main():
             apply(s)
             times = []
             for _ in range(a.repeats):
-                t0 = time.perf_counter(); rep = materialize(s, incremental=False); times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rep = materialize(s, incremental=False)
+                times.append(time.perf_counter() - t0)
                 assert rep.rows == len(df), rep
-            print(f"{name:7s} {len(df) / min(times):9,.0f} rows/s best, {len(df) / statistics.median(times):9,.0f} rows/s median "
+            print(f"{name:7s} {len(df) / min(times):9,.0f} rows/s best, "
+                  f"{len(df) / statistics.median(times):9,.0f} rows/s median "
                   f"({min(times):.2f} s for {len(df):,} rows)")
         dt = raw_redis_write(a.redis_url, df)
         print(f"baseline: raw redis-py pipeline HSET {len(df) / dt:9,.0f} rows/s ({dt:.2f} s)")
@@ -144,10 +153,12 @@ def main():
         print(f"baseline redis  PING                        {percentiles(latencies(lambda i: r.ping(), a.calls))}")
         cfg = feature_store(stores["sqlite"]).config
         db = sqlite3.connect(Path(cfg.repo_path) / cfg.online_store.path)
-        table = next(t for (t,) in db.execute("select name from sqlite_master where type='table'") if "message_features" in t)
+        table = next(t for (t,) in db.execute("select name from sqlite_master where type='table'")
+                     if "message_features" in t)
         keys = [k for (k,) in db.execute(f"select entity_key from {table} limit 1000")]
-        print(f"baseline sqlite SELECT by entity key        "
-              f"{percentiles(latencies(lambda i: db.execute(f'select * from {table} where entity_key=?', (keys[i % len(keys)],)).fetchall(), a.calls))}")
+        select = f"select * from {table} where entity_key=?"
+        sqlite_ms = latencies(lambda i: db.execute(select, (keys[i % len(keys)],)).fetchall(), a.calls)
+        print(f"baseline sqlite SELECT by entity key        {percentiles(sqlite_ms)}")
     finally:
         for s in stores.values():
             try: feature_store(s).teardown()
@@ -155,7 +166,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     p99 = float(np.percentile(results[("redis", 1)], 99))
-    print(f"\ngoal: p99 single-entity Redis read <= {GOAL_P99_MS} ms: {p99:.2f} ms -> {'MET' if p99 <= GOAL_P99_MS else 'NOT MET'}")
+    verdict = "MET" if p99 <= GOAL_P99_MS else "NOT MET"
+    print(f"\ngoal: p99 single-entity Redis read <= {GOAL_P99_MS} ms: {p99:.2f} ms -> {verdict}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import re
 import sys
 import tempfile
@@ -18,8 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "tests"))
 from machine import machine  # noqa: E402
+from support import corpus_path  # noqa: E402
 
 from spam_mlops.config import get_settings  # noqa: E402
 from spam_mlops.curate import _RULES, curate_frame  # noqa: E402
@@ -62,7 +64,9 @@ def resample(raw: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def timed(fn, *a) -> float:
-    t0 = time.perf_counter(); fn(*a); return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0
 
 
 def vectorised(raw: pd.DataFrame, lake: Lake):
@@ -82,7 +86,7 @@ def main():
     ap.add_argument("--baseline-max", type=int, default=100_000, help="largest size the naive baseline runs at")
     a = ap.parse_args()
     print(machine())
-    src = os.environ.get("SPAM_MLOPS_SOURCE", str(Path(__file__).resolve().parents[2] / "shared/data/SMSSpamCollection"))
+    src = str(corpus_path())  # SPAM_MLOPS_SOURCE when a local file, else ../shared/data beside the checkout
     with tempfile.TemporaryDirectory() as tmp:
         s = get_settings(lake=tmp, source=src)
         ingest(s)

@@ -76,7 +76,8 @@ def validate_builtin(docs: list[dict], versions=K8S_VERSIONS) -> tuple[list[str]
         for v in versions:
             try: kv.validate(d, v, strict=True)
             except kv.SchemaNotFoundError:
-                custom.append(name_of(d)); break
+                custom.append(name_of(d))
+                break
             except kv.ValidationError as e:
                 where = "/".join(str(p) for p in e.path)
                 problems.append(f"{name_of(d)} (k8s {v}) at {where or '/'}: {e.message}")
@@ -105,9 +106,11 @@ def check_rayjob(d: dict) -> list[str]:
         head = rc.get("headGroupSpec")
         if not head: p.append("spec.rayClusterSpec.headGroupSpec is missing")
         else:
-            if not isinstance(head.get("rayStartParams", {}), dict): p.append("headGroupSpec.rayStartParams must be a map")
+            if not isinstance(head.get("rayStartParams", {}), dict):
+                p.append("headGroupSpec.rayStartParams must be a map")
             p += _check_pod_template(head.get("template"), "headGroupSpec.template")
-            ports = {x.get("name") for c in _get(head, "template", "spec", "containers") or [] for x in c.get("ports", [])}
+            ports = {x.get("name") for c in _get(head, "template", "spec", "containers") or []
+                     for x in c.get("ports", [])}
             if s.get("submissionMode") == "HTTPMode" and "dashboard" not in ports:
                 p.append("HTTPMode submits through the head's port named 'dashboard' (8265), which is missing")
         for i, w in enumerate(rc.get("workerGroupSpecs") or []):
@@ -122,10 +125,12 @@ def check_rayjob(d: dict) -> list[str]:
 def check_rollout(d: dict) -> list[str]:
     "Argo Rollouts Rollout: a selector, a pod template or workloadRef, a canary strategy with sane steps."
     p, s = [], d.get("spec") or {}
-    if d.get("apiVersion") != "argoproj.io/v1alpha1": p.append(f"apiVersion {d.get('apiVersion')} is not argoproj.io/v1alpha1")
+    if d.get("apiVersion") != "argoproj.io/v1alpha1":
+        p.append(f"apiVersion {d.get('apiVersion')} is not argoproj.io/v1alpha1")
     if not _get(s, "selector", "matchLabels") and not _get(s, "selector", "matchExpressions"):
         p.append("spec.selector is missing")
-    if bool(s.get("template")) == bool(s.get("workloadRef")): p.append("exactly one of spec.template / spec.workloadRef is required")
+    if bool(s.get("template")) == bool(s.get("workloadRef")):
+        p.append("exactly one of spec.template / spec.workloadRef is required")
     ref = s.get("workloadRef") or {}
     if s.get("workloadRef") and not (ref.get("apiVersion") and ref.get("kind") and ref.get("name")):
         p.append("spec.workloadRef needs apiVersion, kind and name")
@@ -140,7 +145,8 @@ def check_rollout(d: dict) -> list[str]:
         if c.get("canaryService") and c.get("canaryService") == c.get("stableService"):
             p.append("canaryService and stableService must differ")
         for a in (_get(c, "analysis", "templates") or []):
-            if not a.get("templateName") and not a.get("clusterTemplateName"): p.append("analysis template without a name")
+            if not a.get("templateName") and not a.get("clusterTemplateName"):
+                p.append("analysis template without a name")
     return p
 
 
@@ -168,7 +174,8 @@ def check_analysis_template(d: dict) -> list[str]:
 def check_application(d: dict) -> list[str]:
     "Argo CD Application: project, a source with repoURL/path, a destination."
     p, s = [], d.get("spec") or {}
-    if d.get("apiVersion") != "argoproj.io/v1alpha1": p.append(f"apiVersion {d.get('apiVersion')} is not argoproj.io/v1alpha1")
+    if d.get("apiVersion") != "argoproj.io/v1alpha1":
+        p.append(f"apiVersion {d.get('apiVersion')} is not argoproj.io/v1alpha1")
     if not s.get("project"): p.append("spec.project is missing")
     src = s.get("source") or {}
     if not src.get("repoURL"): p.append("spec.source.repoURL is missing")
@@ -198,7 +205,8 @@ def pod_specs(d: dict) -> list[tuple[str, dict]]:
     if k == "RayJob":
         rc = s.get("rayClusterSpec") or {}
         out = [("head", _get(rc, "headGroupSpec", "template", "spec") or {})]
-        out += [(f"worker {w.get('groupName')}", _get(w, "template", "spec") or {}) for w in rc.get("workerGroupSpecs") or []]
+        out += [(f"worker {w.get('groupName')}", _get(w, "template", "spec") or {})
+                for w in rc.get("workerGroupSpecs") or []]
         return out
     return []
 
@@ -209,7 +217,8 @@ def check_hardening(d: dict) -> list[str]:
     p = []
     for where, spec in pod_specs(d):
         psc = spec.get("securityContext") or {}
-        if _get(psc, "seccompProfile", "type") != "RuntimeDefault": p.append(f"{where}: pod seccompProfile is not RuntimeDefault")
+        if _get(psc, "seccompProfile", "type") != "RuntimeDefault":
+            p.append(f"{where}: pod seccompProfile is not RuntimeDefault")
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             n, csc = f"{where}/{c.get('name')}", c.get("securityContext") or {}
             for kind in ("requests", "limits"):
@@ -233,7 +242,8 @@ def check_overlay(docs: list[dict], namespace: str = NAMESPACE) -> list[str]:
     for d in docs:
         if d.get("kind") in CUSTOM_KINDS: p += check_custom(d)
         p += check_hardening(d)
-        if d.get("kind") == "Secret": p.append(f"{name_of(d)}: Secrets are never committed (create them, see the runbook)")
+        if d.get("kind") == "Secret":
+            p.append(f"{name_of(d)}: Secrets are never committed (create them, see the runbook)")
         if d.get("kind") != "Namespace" and _get(d, "metadata", "namespace") != namespace:
             p.append(f"{name_of(d)}: namespace is {_get(d, 'metadata', 'namespace')!r}, not {namespace!r}")
     return p
