@@ -12,8 +12,8 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -21,13 +21,13 @@ import psutil
 from .config import Settings, SpamMlopsError, get_settings
 
 # %% auto #0
-__all__ = ['RUN_DIR', 'REFRESH_S', 'RAY_ENV_DEFAULTS', 'ClusterError', 'reap', 'check_port', 'start', 'stop']
+__all__ = ['RUN_DIR', 'RUN_TAG', 'RAY_ENV_DEFAULTS', 'ClusterError', 'members', 'reap', 'check_port', 'start', 'stop']
 
-# %% ../nbs/13_cluster.ipynb #4045b994
+# %% ../nbs/13_cluster.ipynb #90abadd5
 _log = logging.getLogger(__name__)
 
 RUN_DIR = Path.home() / ".cache" / "spam_mlops" / "ray"  # run files of the local Rays started by `start`
-REFRESH_S = 2.0  # how often a running driver records the processes Ray started under it
+RUN_TAG = "SPAM_MLOPS_RAY_RUN"  # inherited by every process of a local Ray started here: the run's tag
 # read by Ray when it starts: no auth token files under $HOME; the raylet's wait for its metrics agent, which
 # is slow on a busy machine
 RAY_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_raylet_start_wait_time_s": "60"}
@@ -36,7 +36,7 @@ RAY_ENV_DEFAULTS = {"RAY_AUTH_MODE": "disabled", "RAY_raylet_start_wait_time_s":
 class ClusterError(SpamMlopsError):
     "Ray cannot start, or a port it needs is held by another process; the message says which."
 
-# %% ../nbs/13_cluster.ipynb #c71fd663
+# %% ../nbs/13_cluster.ipynb #1f767eee
 def _key(p: psutil.Process) -> list:
     return [p.pid, round(p.create_time(), 2)]
 
@@ -49,21 +49,23 @@ def _alive(pid: int, created: float) -> psutil.Process | None:
     except psutil.Error: return None
 
 
-def _is_ray(p: psutil.Process) -> bool:
-    cmd = " ".join(p.cmdline())
-    return f"{os.sep}ray{os.sep}" in cmd or cmd.startswith("ray::")
+def _member(p: psutil.Process, tag: str, session_dir: str | None) -> bool:
+    if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE: return False
+    if p.environ().get(RUN_TAG) == tag: return True
+    return bool(session_dir) and any(f.path.startswith(session_dir + os.sep) for f in p.open_files())
 
 
-def _ray_processes(driver: psutil.Process | None = None) -> list[psutil.Process]:
-    "Ray's processes under `driver` (default: this process): its Ray children and all their descendants."
+def members(tag: str,  # the run's tag
+            session_dir: str | None = None) -> list[psutil.Process]:  # its Ray session folder, once known
+    "The running processes (other than this one) of the local Ray run tagged `tag`."
     out = []
-    for child in (driver or psutil.Process()).children():
+    for p in psutil.process_iter():
         try:
-            if _is_ray(child): out += [child, *child.children(recursive=True)]
-        except psutil.Error: pass
+            if _member(p, tag, session_dir): out.append(p)
+        except psutil.Error: pass  # gone, or another user's
     return out
 
-# %% ../nbs/13_cluster.ipynb #d66511a2
+# %% ../nbs/13_cluster.ipynb #f555dd3d
 def _end(procs: list[psutil.Process], timeout: float = 5) -> list[int]:
     "Terminate `procs`, kill those still there after `timeout` s; the pids that were running."
     procs = [p for p in procs if p.is_running()]
@@ -93,15 +95,14 @@ def reap(run_dir: Path | None = None) -> list[int]:
         try: run = json.loads(path.read_text())
         except (OSError, ValueError): continue  # being written, or not ours
         if _alive(*run["driver"]): continue
-        left = [p for p in (_alive(pid, created) for pid, created in run.get("processes", [])) if p]
-        if left:
-            _log.warning("ending %d processes left by %s run of dead driver %s (session %s)", len(left),
-                        run.get("purpose"), run["driver"][0], run.get("session_dir"))
+        if left := members(run["tag"], run.get("session_dir")):
+            _log.warning("ending %d processes left by the %s run of dead driver %s (session %s)", len(left),
+                         run.get("purpose"), run["driver"][0], run.get("session_dir"))
             ended += _end(left)
         path.unlink(missing_ok=True)
     return ended
 
-# %% ../nbs/13_cluster.ipynb #736599ea
+# %% ../nbs/13_cluster.ipynb #e260ecc5
 def _holder(port: int) -> str:
     "Who listens on TCP `port`, for a message."
     try: conns = psutil.net_connections(kind="tcp")
@@ -111,7 +112,8 @@ def _holder(port: int) -> str:
             try:
                 p = psutil.Process(c.pid)
                 mine = " (this process)" if c.pid == os.getpid() else ""
-                return f"pid {c.pid}{mine} ({p.name()}: {' '.join(p.cmdline())[:100]})"
+                cmd = " ".join(" ".join(p.cmdline()).split())  # one line, even for `python -c` code
+                return f"pid {c.pid}{mine} ({p.name()}: {cmd[:100]})"
             except psutil.Error: return f"pid {c.pid}"
     return "a process this user cannot see"
 
@@ -125,60 +127,27 @@ def check_port(port: int, host: str = "0.0.0.0") -> None:  # nosec B104: the add
             raise ClusterError(f"port {port} on {host} is in use by {_holder(port)}: stop it or choose another "
                                f"port ({e.strerror})") from None
 
-# %% ../nbs/13_cluster.ipynb #9dc0393c
-class _Run:
-    "This process's local Ray: its run file, kept up to date by a daemon thread until `close`."
-
-    def __init__(self, purpose: str, run_dir: Path):
-        me = psutil.Process()
-        self.path = run_dir / f"{purpose}-{me.pid}.json"
-        self.run = {"driver": _key(me), "purpose": purpose, "started": time.time(), "session_dir": None,
-                    "processes": []}
-        self.done = threading.Event()
-        _write(self.path, self.run)
-        self.thread = threading.Thread(target=self._loop, name="spam-mlops-ray-run", daemon=True)
-        self.thread.start()
-
-    def record(self, **fields):
-        "Record Ray's processes now (and `fields`) in the run file."
-        keys = []
-        for p in _ray_processes():
-            try: keys.append(_key(p))
-            except psutil.Error: pass
-        if fields or sorted(keys) != sorted(self.run["processes"]):
-            self.run.update(fields, processes=keys)
-            _write(self.path, self.run)
-
-    def _loop(self):
-        while not self.done.wait(REFRESH_S):
-            try: self.record()
-            except (OSError, psutil.Error) as e: _log.debug("run file %s not refreshed: %s", self.path, e)
-
-    def close(self):
-        self.done.set()
-        self.thread.join(timeout=REFRESH_S + 1)
-        self.path.unlink(missing_ok=True)
+# %% ../nbs/13_cluster.ipynb #2fcac5c2
+_RUN: dict | None = None  # the local Ray run this process started: its run file's content, plus `path`
 
 
-_RUN: _Run | None = None  # the local Ray this process started, if any
-
-# %% ../nbs/13_cluster.ipynb #c61e7a88
-def _init_local(num_cpus: int | None, attempts: int, init_kw: dict):
-    "ray.init(address='local'), tried `attempts` times; the Ray processes of a failed try are ended."
+def _init_local(num_cpus: int | None, attempts: int, tag: str, init_kw: dict):
+    "ray.init(address='local') with the run's tag, tried `attempts` times; a failed try's processes ended."
     import ray
     for attempt in range(1, attempts + 1):
-        before = {p.pid for p in _ray_processes()}
+        os.environ[RUN_TAG] = tag
         try: return ray.init(address="local", num_cpus=num_cpus, **init_kw)
         except (TypeError, ValueError): raise  # a wrong argument, not a slow machine
         except Exception as e:
             ray.shutdown()
-            _end([p for p in _ray_processes() if p.pid not in before])
+            _end(members(tag))
             if attempt == attempts:
                 raise ClusterError(f"Ray did not start in {attempts} tries (machine overloaded?): "
                                    f"{type(e).__name__}: {e}") from e
             _log.warning("Ray start failed (try %d of %d), trying again: %s", attempt, attempts, e)
+        finally: os.environ.pop(RUN_TAG, None)
 
-# %% ../nbs/13_cluster.ipynb #b0485c10
+# %% ../nbs/13_cluster.ipynb #89644051
 def start(num_cpus: int | None = None,  # CPUs of a local Ray (never passed when joining a cluster)
           *,
           settings: Settings | None = None,  # where `ray_address` comes from (default: the environment)
@@ -205,26 +174,31 @@ def start(num_cpus: int | None = None,  # CPUs of a local Ray (never passed when
     if address:
         ray.init(address=address, **kw)
         return True
-    _RUN = _Run(purpose, RUN_DIR)
-    try: ctx = _init_local(num_cpus, attempts, {"include_dashboard": False, **kw})
+    me = psutil.Process()
+    run = {"driver": _key(me), "purpose": purpose, "tag": uuid.uuid4().hex, "started": time.time()}
+    path = RUN_DIR / f"{purpose}-{me.pid}.json"
+    _write(path, run)
+    try: ctx = _init_local(num_cpus, attempts, run["tag"], {"include_dashboard": False, **kw})
     except BaseException:
-        _RUN.close()
-        _RUN = None
+        path.unlink(missing_ok=True)
         raise
-    _RUN.record(session_dir=ctx.address_info.get("session_dir"))
+    _RUN = {**run, "session_dir": ctx.address_info.get("session_dir"), "path": str(path)}
+    _write(path, {k: v for k, v in _RUN.items() if k != "path"})
     return True
 
-# %% ../nbs/13_cluster.ipynb #4f13bbf1
+# %% ../nbs/13_cluster.ipynb #036e59f8
 def stop(timeout: float = 10) -> list[int]:
-    "Shut down the Ray that `start` began, and end any of its processes still there after `timeout` s."
+    "Shut down Ray; end the processes of the run `start` began that are still there after `timeout` s."
     global _RUN
     import ray
-    procs = _ray_processes() if _RUN else []
     try: ray.shutdown()
     finally:
-        _, left = psutil.wait_procs([p for p in procs if p.is_running()], timeout=timeout)
-        ended = _end(left) if left else []
-        if ended: _log.warning("ended %d Ray processes that outlived ray.shutdown", len(ended))
-        if _RUN: _RUN.close()
+        ended = []
+        if _RUN:
+            _, left = psutil.wait_procs(members(_RUN["tag"], _RUN["session_dir"]), timeout=timeout)
+            if left:
+                ended = _end(left)
+                _log.warning("ended %d Ray processes that outlived ray.shutdown", len(ended))
+            Path(_RUN["path"]).unlink(missing_ok=True)
         _RUN = None
     return ended
