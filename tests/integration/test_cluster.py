@@ -3,7 +3,6 @@ leaves processes behind, and the next `cluster.start` ends them and starts; a po
 stops a start with one line naming the port and the holder."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -104,14 +103,7 @@ def test_port_held_by_another_process_is_one_line(tmp_path):
     cluster.check_port(port, "127.0.0.1")
 
 
-def _serve_uses_cluster() -> bool:
-    from spam_mlops import serve
-    return "cluster.start" in inspect.getsource(serve)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _serve_uses_cluster(),
-                    reason="PENDING: spam_mlops.serve.start_server does not start Ray through cluster.start yet")
 def test_serve_restarts_after_sigkill(tmp_path):
     """`spam-mlops serve` killed hard, then started again on the same ports: the new one answers /readyz and a
     prediction (measured before the cluster module: HAProxy kept the port and answered 500, the restart failed)."""
