@@ -81,7 +81,7 @@ def quiet_console() -> None:
     warnings.simplefilter("ignore")  # spam_mlops itself warns of nothing: its failures are errors
     warnings.showwarning = _no_warning  # MLflow turns its own back on inside `catch_warnings()`
 
-
+# %% ../nbs/10_cli.ipynb #c4d5e6f7
 @contextlib.contextmanager
 def _stderr_held():
     "File descriptor 2 into a temporary file (C++ libraries write there directly), replayed if an error escapes."
