@@ -37,20 +37,9 @@ from .feature_store import FeatureStoreError, MissingFeaturesError, historical_f
 from .features import read_features
 from .ingest import MANIFEST
 from .lake import Lake
-from spam_mlops.model import (  # re-exported: the model's building blocks keep their old `spam_mlops.train.<name>` too
-    DEFAULT_CONFIG,
-    SpamModel,
-    _requirements,
-    build_model,
-    class_weights,
-    evaluate,
-    export_model,
-    fit_model,
-    make_vectorizer,
-    predict_texts,
-    prepare_data,
-    train_baseline,
-)
+# the model's building blocks, re-exported: their old `spam_mlops.train.<name>` keeps working
+from .model import DEFAULT_CONFIG, SpamModel, _requirements, build_model, class_weights, evaluate
+from .model import export_model, fit_model, make_vectorizer, predict_texts, prepare_data, train_baseline
 from .profile import BASELINE_ARTIFACT, log_baseline, profile_from_parts
 from .registry import RegistryError
 

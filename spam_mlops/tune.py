@@ -339,7 +339,30 @@ def _retrain_winner(settings: Settings, lake: Lake, client, parent: str, a: dict
         client.set_tag(parent, k, v)
     return w
 
-# %% ../nbs/05_tune.ipynb #a71f9847
+# %% ../nbs/05_tune.ipynb #d7045f9e
+def _tracked(settings: Settings, lake: Lake, client, exp: str, name: str, a: dict, checked: tuple,
+             num_cpus: int | None, resume: bool, retrain: bool, recall_floor: float) -> TuneReport:
+    "The search under its parent run: trials, report, winner; the run ends FINISHED, KILLED or FAILED (with the error)."
+    ps, mode, fixed = checked
+    parent = a["parent_run_id"]
+    try:
+        results = _run_tuner(settings, lake, name, a, ps, mode, fixed, num_cpus, resume)
+        rep = _summarise(results, name, storage(lake)[0], a, mode)
+        _log_search(client, parent, rep)
+        _close_stale_children(client, exp, parent, keep=set())
+        if retrain: rep.winner = _retrain_winner(settings, lake, client, parent, a, rep, recall_floor)
+        client.set_terminated(parent, "FINISHED")
+        return rep
+    except Exception as e:
+        client.set_tag(parent, "error", f"{type(e).__name__}: {str(e)[:400]}")
+        client.set_terminated(parent, "KILLED" if isinstance(e, TuneInterrupted) else "FAILED")
+        if isinstance(e, SpamMlopsError): raise
+        raise TuneError(f"search {name!r} failed: {type(e).__name__}: {e}") from e
+    except KeyboardInterrupt:
+        client.set_terminated(parent, "KILLED")
+        raise
+
+# %% ../nbs/05_tune.ipynb #c8f5ae54
 def search(settings: Settings | None = None,  # lake and tracking server (default: get_settings())
            space: dict | None = None,  # name -> (kind, ...) (default: SEARCH_SPACE)
            metric: str = "val_loss",  # the validation metric to optimise (see METRICS)
@@ -366,25 +389,9 @@ def search(settings: Settings | None = None,  # lake and tracking server (defaul
                  sample_n=sample_n, seed=seed, config=config or {}, verbose=verbose)
     _check_args(given)  # bad input fails here, before the lake, MLflow or Ray are touched
     name, a = _search_args(lake, name, resume, given)
-    ps, mode, fixed = _check_args(a)
+    checked = _check_args(a)
     registry.check_health(settings.mlflow_tracking_uri)
     client = registry.client(settings.mlflow_tracking_uri)
     exp = registry.ensure_experiment(client, settings.experiment)
     a = _open_search(client, exp, lake, name, a, resume)
-    parent = a["parent_run_id"]
-    try:
-        rep = _summarise(_run_tuner(settings, lake, name, a, ps, mode, fixed, num_cpus, resume), name,
-                         storage(lake)[0], a, mode)
-        _log_search(client, parent, rep)
-        _close_stale_children(client, exp, parent, keep=set())
-        if retrain: rep.winner = _retrain_winner(settings, lake, client, parent, a, rep, recall_floor)
-        client.set_terminated(parent, "FINISHED")
-        return rep
-    except Exception as e:
-        client.set_tag(parent, "error", f"{type(e).__name__}: {str(e)[:400]}")
-        client.set_terminated(parent, "KILLED" if isinstance(e, TuneInterrupted) else "FAILED")
-        if isinstance(e, SpamMlopsError): raise
-        raise TuneError(f"search {name!r} failed: {type(e).__name__}: {e}") from e
-    except KeyboardInterrupt:
-        client.set_terminated(parent, "KILLED")
-        raise
+    return _tracked(settings, lake, client, exp, name, a, checked, num_cpus, resume, retrain, recall_floor)
