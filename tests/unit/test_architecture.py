@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("module_map", ROOT / "scripts" / "module_map.py")
 module_map = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module_map)

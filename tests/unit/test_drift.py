@@ -25,7 +25,7 @@ from spam_mlops.lake import Lake
 from spam_mlops.predlog import prediction_table
 from spam_mlops.profile import profile_from_parts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
 
 
