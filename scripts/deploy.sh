@@ -9,7 +9,7 @@
 #   --dry-run        render and validate every overlay (or the one given) offline, no cluster needed:
 #                    kubectl kustomize, kubernetes-validate strict, custom-resource and hardening checks,
 #                    promtool check/test rules. Tools: scripts/install-tools.sh.
-#   --train/--tune   after the pipeline, run a training (04_train) / tuning (05_tune) RayJob and wait for it
+#   --train/--tune   after the pipeline, run a training (04b_train) / tuning (05_tune) RayJob and wait for it
 #   --skip-pipeline  do not rerun the data-pipeline Jobs (an upgrade of the images only)
 # Prod is normally deployed by Argo CD (argocd/spam-detection-app.yaml); this script is for the first
 # install of a laptop cluster and for clusters without Argo CD.

@@ -190,7 +190,7 @@ def test_pipeline_jobs_and_schedules(rendered):
     drift_args = drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert drift_args == ["spam-mlops", "run", "07b_drift"]
     rj = objects(docs, "RayJob")
-    assert rj["spam-train"]["spec"]["entrypoint"] == "spam-mlops run 04_train"
+    assert rj["spam-train"]["spec"]["entrypoint"] == "spam-mlops run 04b_train"
     assert rj["spam-tune"]["spec"]["entrypoint"] == "spam-mlops run 05_tune"
     assert all(j["spec"]["suspend"] for j in rj.values())
 

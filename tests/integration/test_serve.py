@@ -36,7 +36,8 @@ def server(tmp_path_factory):
     from spam_mlops.lake import Lake
 
     tmp = tmp_path_factory.mktemp("serve")
-    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus_path()), mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    settings = get_settings(lake=str(tmp / "lake"), source=str(corpus_path()),
+                            mlflow_tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     ingest(settings)
     curate(settings)
     df = read_curated(Lake.from_settings(settings))

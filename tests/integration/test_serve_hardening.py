@@ -159,7 +159,8 @@ class MlflowServer:
         env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.log = open(self.folder / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+                                      "--port", str(self.port),
+                                      "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
                                       "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: requests.get(f"{self.url}/health", timeout=2).ok, timeout, "mlflow server up")

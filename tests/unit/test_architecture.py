@@ -79,11 +79,11 @@ def test_the_checker_sees_a_cycle_and_package_imports():
 
 
 def test_lines_stay_within_120_characters():
-    "Every line of the package, tests, benchmarks and scripts, but the `__all__` line nbdev writes."
+    "Every line of the package, tests, benchmarks and scripts, but what nbdev generates (`__all__`, the index files)."
     long = []
     for folder in ("spam_mlops", "tests", "bench", "scripts"):
         for p in (ROOT / folder).rglob("*.py"):
-            if p.name == "_modidx.py": continue
+            if p.name == "_modidx.py" or p.relative_to(ROOT).as_posix() == "spam_mlops/__init__.py": continue
             long += [f"{p.relative_to(ROOT)}:{i}" for i, line in enumerate(p.read_text().splitlines(), 1)
                      if len(line) > 120 and not line.startswith("__all__ = ")]
     assert long == []

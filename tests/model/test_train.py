@@ -41,7 +41,7 @@ from spam_mlops.train import (
 )
 
 TINY = {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 2, "batch_size": 32}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _repo(tmp: Path) -> str:
