@@ -78,7 +78,7 @@ def _extract(data: bytes, member: str = "SMSSpamCollection") -> bytes:
             names = [n for n in z.namelist() if Path(n).name == member]
             if not names: raise IngestError(f"zip holds no {member} (found: {', '.join(z.namelist())})")
             return z.read(names[0])
-    except zipfile.BadZipFile as e: raise IngestError(f"corrupt zip: {e}") from None
+    except zipfile.BadZipFile as e: raise IngestError(f"corrupt zip: {e}") from e
 
 
 def fetch_source(source: str, settings: Settings | None = None, timeout: float = 30) -> bytes:
@@ -87,11 +87,11 @@ def fetch_source(source: str, settings: Settings | None = None, timeout: float =
     if source.startswith(("http://", "https://")):
         try: data = _download(source, timeout)
         except (_Retryable, requests.RequestException) as e:
-            raise IngestError(f"cannot download {source}: {e}") from None
+            raise IngestError(f"cannot download {source}: {e}") from e
     elif source.startswith("s3://"):
         try:
             with s3_filesystem(settings).open_input_stream(source[5:]) as f: data = f.read()
-        except OSError as e: raise IngestError(f"cannot read {source}: {e}") from None
+        except OSError as e: raise IngestError(f"cannot read {source}: {e}") from e
     else:
         p = Path(source[7:] if source.startswith("file://") else source).expanduser()
         if not p.is_file(): raise IngestError(f"source not found: {p}")
