@@ -25,8 +25,8 @@ from .resilience import DependencyDown
 
 # %% auto #0
 __all__ = ['CHAMPION', 'MLFLOW_HTTP_BOUNDS', 'RegistryError', 'RegistryUnreachable', 'redact', 'absolute_uri', 'client',
-           'check_health', 'bounded_http', 'ensure_experiment', 'using', 'alias_version', 'resolve', 'keras_file',
-           'download', 'load_keras', 'ModelCache']
+           'check_health', 'bounded_http', 'ensure_experiment', 'using', 'alias_version', 'parse_uri', 'resolve',
+           'keras_file', 'download', 'load_keras', 'ModelCache']
 
 # %% ../nbs/12_registry.ipynb #21c7cbf6
 _log = logging.getLogger(__name__)
@@ -140,11 +140,16 @@ def alias_version(client, name: str, alias: str = CHAMPION):  # -> ModelVersion 
         return None
 
 
-def resolve(client, model_uri: str) -> tuple[str, str]:
-    "(name, version) that `model_uri` (models:/name@alias or models:/name/version) points at now."
+def parse_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    "(name, alias, version) of `model_uri` (models:/name@alias or models:/name/version), without asking the registry."
     m = _MODEL_URI.fullmatch(model_uri)
     if not m: raise RegistryError(f"model URI {model_uri!r}: use models:/<name>@<alias> or models:/<name>/<version>")
-    name, alias, version = m.groups()
+    return m.groups()
+
+
+def resolve(client, model_uri: str) -> tuple[str, str]:
+    "(name, version) that `model_uri` (models:/name@alias or models:/name/version) points at now."
+    name, alias, version = parse_uri(model_uri)
     try: mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as e:
         raise _failure(e, f"no model at {model_uri}", f"looking up {model_uri}", client.tracking_uri) from e

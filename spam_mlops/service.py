@@ -173,8 +173,8 @@ def model_version(uri: str, tracking_uri: str | None = None) -> str:
 
 def download_model(uri: str, version: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
     "Download registered `version` of `uri`'s model into `dst` (default: a new temporary folder); its `.keras` file."
-    client = registry.client(tracking_uri)
-    return registry.download(client, registry.resolve(client, uri)[0], version, dst)
+    name = registry.parse_uri(uri)[0]  # the name is in the URI: no registry call to learn it
+    return registry.download(registry.client(tracking_uri), name, version, dst)
 
 # %% ../nbs/06b_service.ipynb #9b27cad5
 ROUTES = ("/api/predict", "/api/predict/batch", "/healthz", "/readyz")
