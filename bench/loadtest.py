@@ -15,7 +15,6 @@ import argparse
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from machine import machine_info  # noqa: E402
+from support import free_port  # noqa: E402
 
 BODY = '{"text": "Click here for FREE money! Call 09061701461 to claim your prize"}'
 P95_LIMIT_S = 0.100
@@ -95,13 +96,6 @@ def get_model(args, tmp: Path, settings) -> str:
     model.save(tmp / "probe_lstm.keras")
     print(f"trained in {time.time() - t:.0f} s")
     return str(tmp / "probe_lstm.keras")
-
-
-def free_port() -> int:
-    "A free TCP port on localhost."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_model(uri: str, tracking_uri: str) -> Path:

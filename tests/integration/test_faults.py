@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from serve_helpers import (
     wait_metric,
     wait_ready,
 )
-from support import free_port
+from support import free_port, moto_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -163,38 +162,15 @@ def test_replica_killed_under_load(model, serve_api, tmp_path):
 
 # ---- object store unreachable while the prediction log flushes ----
 
-class Moto:
-    "moto's S3 server in a subprocess on a fixed port, so it can be stopped and started again."
-
-    def __init__(self, port: int):
-        self.port, self.url, self.proc = port, f"http://127.0.0.1:{port}", None
-
-    def start(self, timeout: float = 90):
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                requests.get(self.url, timeout=1)
-                return self
-            except requests.ConnectionError: time.sleep(0.2)
-        raise TimeoutError(f"moto did not answer on {self.url} in {timeout} s")
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
-def moto(monkeypatch):
+def moto(monkeypatch, tmp_path):
     "A killable S3 server; AWS_* variables point at it (set before Ray starts, so replicas inherit them)."
-    m = Moto(free_port()).start()
+    m = moto_server(tmp_path / "moto.log").start()
     for k, v in {"AWS_ENDPOINT_URL": m.url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     yield m
-    m.kill()
+    m.stop()
 
 
 def _logged_texts(settings) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support import corpus_path, free_port, register_champion
+from support import corpus_path, free_port, mlflow_server, register_champion, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,18 +31,6 @@ KEY = "key-ops-1"
 H = {"X-API-Key": KEY}
 SPAM = "WINNER!! As a valued network customer you have been selected to receive a £900 prize reward! Call 09061701461"
 HAM = "Sorry, I'll call later in the meeting"
-
-
-def _wait(pred, timeout: float, what: str, every: float = 1.0):
-    "Poll `pred()` until it returns something truthy; fail naming `what` after `timeout` s."
-    end, last = time.monotonic() + timeout, None
-    while time.monotonic() < end:
-        try:
-            out = pred()
-            if out: return out
-        except requests.RequestException as e: last = e
-        time.sleep(every)
-    pytest.fail(f"{what}: not within {timeout:.0f} s (last error: {last})")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +113,7 @@ def test_https_and_plain_http_refused(workdir, model_file):
             if proc.poll() is not None:
                 pytest.fail(f"server exited {proc.returncode}: {(workdir / 'tls-server.log').read_text()[-3000:]}")
             return requests.get(f"{url}/readyz", verify=str(cert), timeout=5).status_code == 200
-        _wait(ready, 300, "HTTPS server ready", every=2)
+        wait_until(ready, 300, "HTTPS server ready", every=2)
         r = requests.post(f"{url}/api/predict", json={"text": SPAM}, headers=H, verify=str(cert), timeout=10)
         assert r.status_code == 200 and r.json()["prediction"] == "spam", r.text
         assert r.headers["X-Request-ID"] == r.json()["request_id"]
@@ -133,7 +121,7 @@ def test_https_and_plain_http_refused(workdir, model_file):
             requests.get(f"{url}/healthz", timeout=5)
         with pytest.raises(requests.ConnectionError):  # plain HTTP to the HTTPS port: no HTTP answer
             requests.post(f"http://127.0.0.1:{port}/api/predict", json={"text": SPAM}, headers=H, timeout=10)
-        _wait(lambda: f"on https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text(), 30,
+        wait_until(lambda: f"on https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text(), 30,
               "the CLI's https:// line")
     finally:
         if proc.poll() is None:
@@ -147,31 +135,10 @@ def test_https_and_plain_http_refused(workdir, model_file):
 
 # --- a real MLflow server that dies and comes back -------------------------------------------------------------
 
-class MlflowServer:
-    "`mlflow server` on a fixed port, SQLite backend, local artifacts; stop and start again on the same port and data."
-
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120):
-        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.log = open(self.folder / "mlflow-server.log", "ab")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                                      "--port", str(self.port),
-                                      "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
-                                      "--artifacts-destination", str(self.folder / "artifacts"), "--workers", "1"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: requests.get(f"{self.url}/health", timeout=2).ok, timeout, "mlflow server up")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a crash, not a shutdown
-            self.proc.wait(30)
-        if self.proc: self.log.close()
-        self.proc = None
-        with pytest.raises(requests.ConnectionError): requests.get(f"{self.url}/health", timeout=2)
+def _crash(srv):
+    "SIGKILL the MLflow server's process group (a crash, not a shutdown); it no longer answers."
+    srv.kill()
+    with pytest.raises(requests.ConnectionError): requests.get(f"{srv.url}/health", timeout=2)
 
 
 def _register(tracking_uri: str, keras_file: Path) -> str:
@@ -181,12 +148,12 @@ def _register(tracking_uri: str, keras_file: Path) -> str:
 
 @pytest.fixture(scope="module")
 def registry(workdir, model_file):
-    srv = MlflowServer(workdir / "registry")
-    srv.folder.mkdir()
-    srv.start()
+    folder = workdir / "registry"  # SQLite and artifacts here: a restart on the same port keeps every version
+    srv = mlflow_server(folder / "mlflow-server.log", f"sqlite:///{folder}/mlflow.db", str(folder / "artifacts"))
+    srv.start(timeout=120)
     srv.versions = [_register(srv.url, model_file)]
     yield srv
-    srv.stop() if srv.proc else None
+    srv.stop()
 
 
 def _config(workdir, registry, cache: str, **kw):
@@ -206,7 +173,7 @@ def api(workdir, registry):
     cfg = _config(workdir, registry, "cache-a", audit_log=str(workdir / "audit.jsonl"))
     sv.start_server(sv.deployment(cfg), port=port, host="127.0.0.1", metrics_port=metrics_port, num_cpus=2)
     url = f"http://127.0.0.1:{port}"
-    _wait(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 240, "API ready", every=2)
+    wait_until(lambda: requests.get(f"{url}/readyz", timeout=2).status_code == 200, 240, "API ready", every=2)
     yield dict(url=url, metrics=f"http://127.0.0.1:{metrics_port}/metrics", audit=workdir / "audit.jsonl", cfg=cfg)
     sv.stop_server()
 
@@ -238,7 +205,7 @@ def test_audit_log(api, registry):
     assert invalid.status_code == 422
     ids = {"ok": "client-req-0001", "fresh": fresh.json()["request_id"], "bad_key": bad_key.headers["X-Request-ID"],
            "invalid": invalid.headers["X-Request-ID"]}
-    lines = _wait(lambda: (lambda ls: ls if set(ids.values()) <= {x["request_id"] for x in ls} else None)(_audit(api)),
+    lines = wait_until(lambda: (lambda ls: ls if set(ids.values()) <= {x["request_id"] for x in ls} else None)(_audit(api)),
                   30, "audit lines written")
     by_id = {x["request_id"]: x for x in lines}
     for line in lines:
@@ -263,7 +230,7 @@ def test_audit_log(api, registry):
     def logged():
         files = [f for f in lake.list("predictions/") if f.endswith(".parquet")]
         return any("client-req-0001" in set(lake.read_parquet(f).request_id) for f in files)
-    _wait(logged, 30, "prediction log row with the client's request id")
+    wait_until(logged, 30, "prediction log row with the client's request id")
 
 
 def _scrape(api, name: str) -> float:
@@ -289,7 +256,7 @@ def _logs_contain(text: str) -> bool:
 def test_registry_dies_while_serving_then_returns(api, registry, model_file):
     "MLflow killed: same version answers, failures logged and counted; back with a new champion: the API switches."
     v1 = registry.versions[0]
-    registry.stop()
+    _crash(registry)
     t_down = time.monotonic()
     answered = []
     while time.monotonic() - t_down < 12:  # a dozen polls of the dead registry, the breaker opening and trying again
@@ -299,18 +266,18 @@ def test_registry_dies_while_serving_then_returns(api, registry, model_file):
         time.sleep(0.5)
     assert max(answered) < 5  # requests never wait for the registry
     ready = requests.get(f"{api['url']}/readyz", timeout=5).json()
-    assert ready["model_version"] == v1 and f"127.0.0.1:{registry.port}" in ready["registry"], ready
-    _wait(lambda: _scrape(api, "ray_spam_api_dependency_failures_total") >= 2, 60, "registry failures counted")
-    _wait(lambda: _scrape(api, "ray_spam_api_circuit_open") >= 1, 60, "registry circuit open in the metrics")
-    _wait(lambda: _logs_contain("model refresh failed, still serving")
+    assert ready["model_version"] == v1 and registry.url.removeprefix("http://") in ready["registry"], ready
+    wait_until(lambda: _scrape(api, "ray_spam_api_dependency_failures_total") >= 2, 60, "registry failures counted")
+    wait_until(lambda: _scrape(api, "ray_spam_api_circuit_open") >= 1, 60, "registry circuit open in the metrics")
+    wait_until(lambda: _logs_contain("model refresh failed, still serving")
           and _logs_contain("circuit breaker registry open"),
           30, "refresh failures and the open circuit in the replica's log")
 
-    registry.start()
+    registry.start(timeout=120)
     v2 = _register(registry.url, model_file)
     registry.versions.append(v2)
     assert v2 != v1
-    _wait(lambda: _predict(api["url"]).json()["model_version"] == v2, 90, f"API switched to version {v2}")
+    wait_until(lambda: _predict(api["url"]).json()["model_version"] == v2, 90, f"API switched to version {v2}")
     ready = requests.get(f"{api['url']}/readyz", timeout=5).json()
     assert ready == {"status": "ready", "model_version": v2, "model_source": "registry", "registry": "ok"}, ready
 
@@ -326,14 +293,14 @@ def _deploy(cfg, name: str):
 @pytest.mark.timeout(300)
 def test_start_from_cache_with_registry_down(api, registry, workdir):
     "A new API while MLflow is down, with the cache the first API filled: ready, from the cache, same version."
-    registry.stop()
+    _crash(registry)
     cfg = _config(workdir, registry, "cache-a")  # the first API's cache: it holds the current champion
     _deploy(cfg, "b")
     url = f"{api['url']}/b"
-    ready = _wait(lambda: _ready_json(url),
+    ready = wait_until(lambda: _ready_json(url),
                   180, "API b ready from its cache", every=2)
     assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "cache", ready
-    assert f"127.0.0.1:{registry.port}" in ready["registry"]
+    assert registry.url.removeprefix("http://") in ready["registry"]
     r = _predict(url)
     assert r.status_code == 200 and r.json()["prediction"] == "spam"
     assert r.json()["model_version"] == registry.versions[-1]
@@ -342,7 +309,7 @@ def test_start_from_cache_with_registry_down(api, registry, workdir):
 @pytest.mark.timeout(400)
 def test_no_cache_not_ready_until_registry_returns(api, registry, workdir):
     "MLflow down, empty cache: up but not ready, the reason names the registry; MLflow back: ready without a restart."
-    if registry.proc: registry.stop()
+    if registry.running: _crash(registry)
     cfg = _config(workdir, registry, "cache-c-empty")
     _deploy(cfg, "c")
     url = f"{api['url']}/c"
@@ -350,7 +317,7 @@ def test_no_cache_not_ready_until_registry_returns(api, registry, workdir):
     def not_ready():  # the reason (a Response is falsy when it is not 2xx)
         r = requests.get(f"{url}/readyz", timeout=5)
         return r.json()["error"] if r.status_code == 503 and "model not loaded" in r.text else None
-    reason = _wait(not_ready, 180, "API c up and answering 503", every=2)
+    reason = wait_until(not_ready, 180, "API c up and answering 503", every=2)
     assert f"model registry unreachable at {registry.url}" in reason and "no cached model" in reason, reason
     t = time.monotonic()
     assert requests.get(f"{url}/readyz", timeout=5).status_code == 503 and time.monotonic() - t < 2  # answered at once
@@ -360,8 +327,8 @@ def test_no_cache_not_ready_until_registry_returns(api, registry, workdir):
     assert requests.get(f"{url}/readyz", timeout=5).status_code == 503
     assert requests.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
 
-    registry.start()
-    ready = _wait(lambda: _ready_json(url),
+    registry.start(timeout=120)
+    ready = wait_until(lambda: _ready_json(url),
                   90, "API c ready once the registry is back", every=2)
     assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "registry"
     assert ready["registry"] == "ok"
