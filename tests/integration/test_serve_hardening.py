@@ -122,7 +122,7 @@ def test_https_and_plain_http_refused(workdir, model_file):
         with pytest.raises(requests.ConnectionError):  # plain HTTP to the HTTPS port: no HTTP answer
             requests.post(f"http://127.0.0.1:{port}/api/predict", json={"text": SPAM}, headers=H, timeout=10)
         wait_until(lambda: f"on https://127.0.0.1:{port}" in (workdir / "tls-server.log").read_text(), 30,
-              "the CLI's https:// line")
+                   "the CLI's https:// line")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -205,8 +205,10 @@ def test_audit_log(api, registry):
     assert invalid.status_code == 422
     ids = {"ok": "client-req-0001", "fresh": fresh.json()["request_id"], "bad_key": bad_key.headers["X-Request-ID"],
            "invalid": invalid.headers["X-Request-ID"]}
-    lines = wait_until(lambda: (lambda ls: ls if set(ids.values()) <= {x["request_id"] for x in ls} else None)(_audit(api)),
-                  30, "audit lines written")
+    def all_audited():
+        ls = _audit(api)
+        return ls if set(ids.values()) <= {x["request_id"] for x in ls} else None
+    lines = wait_until(all_audited, 30, "audit lines written")
     by_id = {x["request_id"]: x for x in lines}
     for line in lines:
         assert set(line) == {"time", "request_id", "method", "route", "status", "latency_ms", "model_version",
@@ -270,8 +272,8 @@ def test_registry_dies_while_serving_then_returns(api, registry, model_file):
     wait_until(lambda: _scrape(api, "ray_spam_api_dependency_failures_total") >= 2, 60, "registry failures counted")
     wait_until(lambda: _scrape(api, "ray_spam_api_circuit_open") >= 1, 60, "registry circuit open in the metrics")
     wait_until(lambda: _logs_contain("model refresh failed, still serving")
-          and _logs_contain("circuit breaker registry open"),
-          30, "refresh failures and the open circuit in the replica's log")
+               and _logs_contain("circuit breaker registry open"),
+               30, "refresh failures and the open circuit in the replica's log")
 
     registry.start(timeout=120)
     v2 = _register(registry.url, model_file)
@@ -298,7 +300,7 @@ def test_start_from_cache_with_registry_down(api, registry, workdir):
     _deploy(cfg, "b")
     url = f"{api['url']}/b"
     ready = wait_until(lambda: _ready_json(url),
-                  180, "API b ready from its cache", every=2)
+                       180, "API b ready from its cache", every=2)
     assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "cache", ready
     assert registry.url.removeprefix("http://") in ready["registry"]
     r = _predict(url)
@@ -329,7 +331,7 @@ def test_no_cache_not_ready_until_registry_returns(api, registry, workdir):
 
     registry.start(timeout=120)
     ready = wait_until(lambda: _ready_json(url),
-                  90, "API c ready once the registry is back", every=2)
+                       90, "API c ready once the registry is back", every=2)
     assert ready["model_version"] == registry.versions[-1] and ready["model_source"] == "registry"
     assert ready["registry"] == "ok"
     assert _predict(url).json()["prediction"] == "spam"
