@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 # %% auto #0
 __all__ = ['UCI_URL', 'UCI_SHA256', 'LakeRoot', 'Source', 'Endpoint', 'SpamMlopsError', 'ConfigError', 'Settings', 'env_name',
            'get_settings', 'child_env', 'Section', 'ServeSettings', 'DriftSettings', 'RetrainSettings',
-           'BackupSettings']
+           'BackupSettings', 'TableSettings', 'FeedbackSettings', 'TrainSettings']
 
 # %% ../nbs/08_config.ipynb #a3c1e0f2
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
     aws_secret_access_key: str | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False)
     aws_region: str = Field("us-east-1", validation_alias="AWS_DEFAULT_REGION")
+    s3_allow_http: bool = False  # let Delta tables talk plain HTTP to the S3 endpoint (MinIO in-cluster, moto)
     mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
     ray_address: str | None = Field(None, validation_alias="RAY_ADDRESS")  # a Ray cluster to join; None: start one
     git_commit: str | None = Field(None, validation_alias="GIT_COMMIT")  # recorded with training runs
@@ -134,6 +135,8 @@ class ServeSettings(Section):
 
     model_uri: str | None = None  # model served (default models:/<model_name>@champion)
     api_keys: str = Field("", repr=False)  # comma-separated `key` or `name:key` entries; empty: no auth
+    require_keys: bool = False  # refuse to start without API keys (production: an open API must not serve)
+    max_body_bytes: int = Field(2_000_000, ge=1_000)  # larger request bodies are refused (413) before being read
     log_text: bool = True  # keep raw text in the prediction log
     threshold: float = Field(0.5, gt=0, lt=1)  # spam when probability >= threshold
     model_poll_s: float = Field(30.0, ge=0)  # alias poll interval; 0 disables refresh
@@ -178,6 +181,7 @@ class DriftSettings(Section):
     top_tokens: int = Field(300, ge=1)  # tokens kept individually in the token distribution
     feedback_hours: float = Field(168.0, gt=0)  # labelled feedback younger than this counts for accuracy
     min_feedback: int = Field(20, ge=1)  # fewer labels: no accuracy figure
+    min_new_labels: int = Field(100, ge=0)  # labels since the champion's training data needed before a retrain
     pushgateway: str | None = Field(None, validation_alias="SPAM_MLOPS_PUSHGATEWAY_URL")  # where metrics go
 
     @model_validator(mode="after")
@@ -211,3 +215,35 @@ class BackupSettings(Section):
     artifacts: str | None = None  # artifact store root
     dest: str | None = None  # backup location: a folder or s3://bucket/prefix
     dump: str | None = None  # a pg_dump -Fc file made beforehand, instead of running pg_dump here
+
+# %% ../nbs/08_config.ipynb #3e2a500b
+class TableSettings(Section):
+    "The lake's Delta tables (`spam_mlops.tables`): commits, compaction and retention."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_TABLES_")
+
+    retention_hours: float = Field(168.0, ge=0)  # vacuum keeps files removed less than this long ago
+    compact_min_files: int = Field(16, ge=2)  # `lake compact` rewrites a table once it has this many small files
+    commit_retries: int = Field(5, ge=1)  # tries of a commit that lost a race with another writer
+
+
+# %% ../nbs/08_config.ipynb #83f60ba5
+class FeedbackSettings(Section):
+    "Labelled feedback (`POST /api/feedback`, `spam-mlops feedback`): limits and the background writer."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_FEEDBACK_")
+
+    rate_per_s: float = Field(20.0, gt=0)  # labels per second and API key, sustained
+    burst: int = Field(2_000, ge=1)  # labels one key may send at once before 429s
+    flush_s: float = Field(5.0, gt=0)  # seconds between feedback table commits
+    max_rows: int = Field(100_000, ge=1)  # bound of the pending feedback rows
+
+
+# %% ../nbs/08_config.ipynb #f2b04e1b
+class TrainSettings(Section):
+    "What a training run uses (`spam_mlops.train`) and the gate a challenger must pass to become champion."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_TRAIN_")
+
+    feedback_share_max: float = Field(0.5, ge=0, le=1)  # most feedback rows per retrain, as a share of all rows
+    recall_floor: float = Field(0.90, ge=0, le=1)  # spam recall on the corpus test split a champion must reach
+    mcc_margin: float = Field(0.01, ge=0, le=1)  # largest MCC drop on the corpus test split the gate allows
+    recent_min_rows: int = Field(50, ge=1)  # rows the recent (feedback) test split needs before the gate uses it
+
