@@ -5,6 +5,7 @@ nothing outside it builds demo data:
 
 - `sms_like`: messages from SMS-like templates (ham and spam), a stand-in for the curated corpus;
 - `foreign_texts`: sentences of Python's reference documentation, text of another kind (drift);
+- `campaign`: a new batch in the corpus's format, a smishing wave the corpus has not seen (the demo loop);
 - `build_demo_model`: a small LSTM that follows the serving contract (string input, spam probability out);
 - `simulate_traffic`: held-out messages scored by the champion, appended to the prediction log as the API would.
 
@@ -29,7 +30,7 @@ from .curate import clean_text
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['sms_like', 'foreign_texts', 'build_demo_model', 'simulate_traffic']
+__all__ = ['sms_like', 'foreign_texts', 'campaign', 'build_demo_model', 'simulate_traffic']
 
 # %% ../nbs/15_demo.ipynb #90956455
 _HAM = ["ok see you at {n}", "sorry i will call you later", "are you coming home for dinner tonight",
@@ -61,6 +62,34 @@ def foreign_texts(n: int | None = None, seed: int = 0, min_chars: int = 20, max_
     out = [s for s in sentences if min_chars <= len(s) <= max_chars]
     if n is None: return out
     return [str(x) for x in np.random.default_rng(seed).choice(out, n, replace=n > len(out))]
+
+# %% ../nbs/15_demo.ipynb #f9902d57
+_CAMPAIGN_SPAM = ["Your parcel {ref} is held at our depot: a {fee} customs fee is due. Pay at https://{site}/{ref}",
+                  "Royal Mail: we missed you. Reschedule delivery of {ref} for {fee} at {site}/track",
+                  "DHL: your package {ref} awaits payment of {fee}. Confirm your address at http://{site}",
+                  "Final notice: unpaid toll {fee}. Settle today at https://{site} to avoid a penalty"]
+_CAMPAIGN_HAM = ["Your verification code is {code}. Do not share it with anyone",
+                 "{code} is your login code. It expires in 10 minutes",
+                 "Your parcel {ref} was delivered to your safe place at {hour}:{minute}",
+                 "Reminder: dentist appointment tomorrow at {hour}:{minute}. Reply C to cancel"]
+_SITES = ["parcel-fee.info", "redelivery-uk.com", "pay-customs.net", "toll-settle.org"]
+
+
+def campaign(n: int = 200,  # messages in the batch
+             seed: int = 0,  # same seed, same batch
+             spam_share: float = 0.5,  # share of smishing messages
+             ) -> bytes:
+    "A new batch in the corpus's format (`label\\ttext` lines): a parcel-fee smishing wave and one-time codes."
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        spam = rng.random() < spam_share
+        slots = dict(ref=f"{rng.choice(list('ABCDEFGH'))}{rng.integers(10**7, 10**8)}GB", site=rng.choice(_SITES),
+                     fee=f"£{rng.integers(1, 4)}.{rng.integers(10, 99)}", code=rng.integers(10**5, 10**6),
+                     hour=rng.integers(8, 20), minute=f"{rng.integers(0, 60):02d}")
+        t = str(rng.choice(_CAMPAIGN_SPAM if spam else _CAMPAIGN_HAM)).format(**slots)
+        lines.append(f"{'spam' if spam else 'ham'}\t{t}")
+    return ("\n".join(lines) + "\n").encode()
 
 # %% ../nbs/15_demo.ipynb #510c8321
 def build_demo_model(
