@@ -24,9 +24,10 @@ from .config import SpamMlopsError
 from .resilience import DependencyDown
 
 # %% auto #0
-__all__ = ['CHAMPION', 'MLFLOW_HTTP_BOUNDS', 'RegistryError', 'RegistryUnreachable', 'redact', 'absolute_uri', 'client',
-           'check_health', 'bounded_http', 'ensure_experiment', 'using', 'alias_version', 'parse_uri', 'resolve',
-           'keras_file', 'download', 'load_keras', 'ModelCache']
+__all__ = ['CHAMPION', 'MLFLOW_HTTP_BOUNDS', 'HISTORY_TAG', 'HISTORY_KEEP', 'RegistryError', 'RegistryUnreachable', 'redact',
+           'absolute_uri', 'client', 'check_health', 'bounded_http', 'ensure_experiment', 'using', 'alias_version',
+           'parse_uri', 'resolve', 'keras_file', 'download', 'load_keras', 'champion_history', 'set_champion',
+           'rollback', 'data_versions', 'ModelCache']
 
 # %% ../nbs/12_registry.ipynb #21c7cbf6
 _log = logging.getLogger(__name__)
@@ -182,6 +183,75 @@ def load_keras(client, model_uri: str):  # -> keras.Model
     "The Keras model (string input) that `model_uri` points at now."
     import keras
     return keras.saving.load_model(download(client, *resolve(client, model_uri)))
+
+# %% ../nbs/12_registry.ipynb #7d226a32
+HISTORY_TAG = "champion.history"  # registered-model tag: JSON list of {version, at, reason}, oldest first
+HISTORY_KEEP = 40  # entries kept in the tag (a tag value holds about 5,000 characters)
+
+
+def champion_history(client, name: str) -> list[dict]:
+    "The champion alias history of model `name`, oldest first ([] when none is recorded)."
+    try: tags = client.get_registered_model(name).tags
+    except Exception as e:
+        raise _failure(e, f"no registered model {name}", f"reading {name}'s tags", client.tracking_uri) from e
+    try: return json.loads(tags.get(HISTORY_TAG) or "[]")
+    except ValueError as e: raise RegistryError(f"model {name}: tag {HISTORY_TAG} is not JSON: {e}") from e
+
+
+def _stack(history: list[dict]) -> list[str]:
+    "The champions in force, oldest first: a promotion pushes its version, a rollback pops the one it replaced."
+    stack: list[str] = []
+    for h in history:
+        if h.get("rollback_of") and stack and stack[-1] == h["rollback_of"]: stack.pop()
+        if not stack or stack[-1] != h["version"]: stack.append(h["version"])
+    return stack
+
+
+def _entry(version, reason: str, **extra) -> dict:
+    return {"version": str(version), "at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason} | extra
+
+
+def _move(client, name: str, version: str, entry: dict, history: list[dict]) -> dict:
+    "Point champion at `version` and store the history with `entry` appended (an outside champion recorded first)."
+    current = alias_version(client, name)
+    if current is not None and (not history or history[-1]["version"] != str(current.version)):
+        history = history + [_entry(current.version, "champion found (set outside set_champion)")]
+    try:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps((history + [entry])[-HISTORY_KEEP:]))
+    except Exception as e:
+        raise _failure(e, f"cannot move {name}@{CHAMPION} to {version}", "moving the champion",
+                       client.tracking_uri) from e
+    return entry
+
+
+def set_champion(client, name: str, version: str, reason: str) -> dict:
+    "Move `champion` of model `name` to `version`, recording {version, at, reason} in its history; the entry."
+    return _move(client, name, str(version), _entry(version, reason), champion_history(client, name))
+
+
+def rollback(client, name: str, reason: str = "rollback") -> dict:
+    "Move `champion` back to the champion before the current one; {from, to, at, reason}. RegistryError if none."
+    history = champion_history(client, name)
+    current = alias_version(client, name)
+    stack = _stack(history)
+    if current is not None and (not stack or stack[-1] != str(current.version)): stack.append(str(current.version))
+    if len(stack) < 2:
+        raise RegistryError(f"model {name}: no previous champion to roll back to (champion history: {stack or 'empty'})")
+    cur, prev = stack[-1], stack[-2]
+    try: client.get_model_version(name, prev)
+    except Exception as e:
+        raise _failure(e, f"the previous champion {name}/{prev} is gone", "rolling back", client.tracking_uri) from e
+    entry = _move(client, name, prev, _entry(prev, reason, rollback_of=cur), history)
+    return {"from": cur, "to": prev, "at": entry["at"], "reason": reason}
+
+
+def data_versions(client, name: str, version: str) -> dict[str, str]:
+    "The `data.*` tags of a model version (table versions and digest of its training frame), without the prefix."
+    try: tags = client.get_model_version(name, str(version)).tags
+    except Exception as e:
+        raise _failure(e, f"no model version {name}/{version}", "reading its tags", client.tracking_uri) from e
+    return {k.removeprefix("data."): v for k, v in tags.items() if k.startswith("data.")}
 
 # %% ../nbs/12_registry.ipynb #1a8a4042
 def _sha256(path: Path) -> str:
