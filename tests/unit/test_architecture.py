@@ -17,7 +17,7 @@ spec.loader.exec_module(module_map)
 LAYERS = {
     "config": 0,
     "lake": 1, "resilience": 1,
-    "registry": 2, "cluster": 2,
+    "registry": 2, "cluster": 2, "tables": 2,
     "ingest": 3, "backup": 3,
     "curate": 4,
     "features": 5,
