@@ -45,6 +45,7 @@ demo: install
 	$(CLI) tune --num-samples 4 --epochs 2 --grace-period 1 --sample-n 1500
 	BIN=$(BIN) scripts/demo-serve.sh
 	$(CLI) drift --demo-traffic 500 --messages 500 --retrain off
+	BIN=$(BIN) VERBOSE=$(VERBOSE) scripts/demo-loop.sh
 
 test: install tools
 	$(BIN)/nbdev-test --n-workers 2
@@ -80,4 +81,4 @@ audit: install
 	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off --strict
 
 clean:
-	rm -rf lake mlflow.db mlruns _proc _docs
+	rm -rf lake landing mlflow.db mlruns _proc _docs
