@@ -22,7 +22,7 @@ LAYERS = {
     "curate": 4,
     "features": 5,
     "feature_store": 6, "predlog": 6,
-    "profile": 7, "model": 7, "service": 7,
+    "profile": 7, "model": 7, "service": 7, "frame": 7,
     "train": 8, "api": 8,
     "tune": 9, "serve": 9,
     "retrain": 10,
@@ -31,7 +31,7 @@ LAYERS = {
     "cli": 13,
 }
 SERVING = {"service", "api", "serve"}
-TRAINING = {"model", "train", "tune", "retrain", "drift", "profile", "feature_store"}
+TRAINING = {"frame", "model", "train", "tune", "retrain", "drift", "profile", "feature_store"}
 
 
 @pytest.fixture(scope="module")
