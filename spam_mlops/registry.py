@@ -237,7 +237,7 @@ def rollback(client, name: str, reason: str = "rollback") -> dict:
     stack = _stack(history)
     if current is not None and (not stack or stack[-1] != str(current.version)): stack.append(str(current.version))
     if len(stack) < 2:
-        raise RegistryError(f"model {name}: no previous champion to roll back to (champion history: {stack or 'empty'})")
+        raise RegistryError(f"model {name}: no previous champion to roll back to (champions: {stack or 'none'})")
     cur, prev = stack[-1], stack[-2]
     try: client.get_model_version(name, prev)
     except Exception as e:
