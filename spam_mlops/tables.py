@@ -15,14 +15,20 @@ Docs: https://spam-mlops.github.io/spam_mlops/tables.html.md"""
 # %% ../nbs/16_tables.ipynb #t1d5e6f7
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+import operator
 import time
 from datetime import UTC, datetime
+from functools import reduce
 from urllib.parse import unquote
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import tenacity
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
@@ -31,7 +37,8 @@ from .config import Settings, SpamMlopsError, TableSettings, get_settings
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['TABLES_PREFIX', 'LOG_RETENTION', 'TableError', 'storage_options', 'Table', 'table']
+__all__ = ['TABLES_PREFIX', 'LOG_RETENTION', 'LEGACY', 'UPGRADE_MARKER', 'TableError', 'storage_options', 'Table', 'table',
+           'upgrade']
 
 # %% ../nbs/16_tables.ipynb #t2d6e7f8
 TABLES_PREFIX = "tables"  # tables live at <lake>/tables/<name>
@@ -77,13 +84,22 @@ class Table:
     def exists(self) -> bool:
         "Whether the table has been created (it has a commit log)."
         try: return DeltaTable.is_deltatable(self.uri, storage_options=self.options or None)
-        except (DeltaError, OSError) as e: raise self._fail("check", e) from e
+        except (DeltaError, OSError) as e:
+            if _no_bucket(e): return False
+            raise self._fail("check", e) from e
 
     def version(self) -> int | None:
         "The latest version, or None when the table does not exist yet."
         try: return self._open().version()
         except TableNotFoundError: return None
-        except (DeltaError, OSError) as e: raise self._fail("open", e) from e
+        except (DeltaError, OSError) as e:
+            if _no_bucket(e): return None
+            raise self._fail("open", e) from e
+
+
+def _no_bucket(e: Exception) -> bool:
+    "The lake's bucket does not exist yet (created by the first write): no table there."
+    return "NoSuchBucket" in str(e)
 
 
 def table(lake: Lake, name: str, settings: Settings | None = None) -> Table:
@@ -127,7 +143,8 @@ def _append(self: Table, df: pd.DataFrame,  # the rows to add
             meta: dict | None = None,  # stored in the commit (history's `meta`): batch id, source, ...
             partition_by: list[str] | None = None,  # partition columns, used when the table is created
             ) -> int:
-    "Append `df` in one commit (creating the table); the new version."
+    "Append `df` in one commit (creating the table); the new version. No rows, no commit (once the table exists)."
+    if df.empty and (v := self.version()) is not None: return v
     if self.lake.is_s3: self.lake._ensure_bucket()  # delta-rs does not create buckets
     def attempt():
         write_deltalake(self.uri, _arrow(df, self._schema()), mode="append", partition_by=partition_by,
@@ -146,11 +163,12 @@ def _merge(self: Table, df: pd.DataFrame,  # the rows to upsert
            key: str = "message_id",  # the column that identifies a row
            update: bool = False,  # also replace the rows whose key is already there
            meta: dict | None = None,  # stored in the commit
+           partition_by: list[str] | None = None,  # partition columns, used when the table is created
            ) -> dict:
     "Insert the rows of `df` whose `key` is new (and update matched rows if `update`); version and row counts."
     df = df.drop_duplicates(key, keep="last")
     if not self.exists():
-        return {"version": self.append(df, meta), "inserted": len(df), "updated": 0}
+        return {"version": self.append(df, meta, partition_by), "inserted": len(df), "updated": 0}
     def attempt():
         dt = self._open()
         m = dt.merge(_arrow(df, pa.schema(dt.schema().to_arrow())), f"t.{key} = s.{key}", source_alias="s",
@@ -166,13 +184,37 @@ def _merge(self: Table, df: pd.DataFrame,  # the rows to upsert
 Table.merge = _merge
 
 # %% ../nbs/16_tables.ipynb #t5d9e0f1
+_OPS = {"=": operator.eq, "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+        ">": operator.gt, ">=": operator.ge, "in": lambda f, v: f.isin(v), "not in": lambda f, v: ~f.isin(v)}
+
+
+def _where(filters) -> tuple[list, pc.Expression, list[str]]:
+    "DNF `filters` as (the partition-pruning terms delta-rs can take, one Arrow expression, the columns it reads)."
+    groups = filters if isinstance(filters[0], list) else [filters]
+    expr = reduce(operator.or_, (reduce(operator.and_, (_OPS[op](pc.field(c), v) for c, op, v in g)) for g in groups))
+    prune = [(c, op, v if op.endswith("in") else str(v)) for c, op, v in groups[0]
+             if op in ("=", "!=", "in", "not in")] if len(groups) == 1 else []
+    return prune, expr, list(dict.fromkeys(c for g in groups for c, _, _ in g))
+
+
+def _to_frame(dt: DeltaTable, columns: list[str] | None, filters) -> pd.DataFrame:
+    """Rows of `dt`, filtered after the scan (files written by merges hold `string_view` columns, which pyarrow's
+    scanner cannot compare with a plain string while it reads); partition filters prune files first."""
+    if not filters: return dt.to_pandas(columns=columns)
+    prune, expr, used = _where(filters)
+    parts = [(c, op, v) for c, op, v in prune if c in dt.metadata().partition_columns] or None
+    need = columns and list(dict.fromkeys([*columns, *used]))
+    tbl = dt.to_pyarrow_table(partitions=parts, columns=need).filter(expr)
+    return tbl.select(columns).to_pandas() if columns else tbl.to_pandas()
+
+# %% ../nbs/16_tables.ipynb #t5d9e0f2
 def _read(self: Table, version: int | None = None,  # a past version (default: the latest)
           columns: list[str] | None = None,  # only these columns
           filters=None,  # a DNF filter list, e.g. [("label", "=", "spam")]
           ) -> pd.DataFrame:
     "The table's rows at `version`; an empty frame if the table does not exist and no version was asked for."
     if version is None and not self.exists(): return pd.DataFrame()
-    try: return self._open(version).to_pandas(columns=columns, filters=filters)
+    try: return _to_frame(self._open(version), columns, filters)
     except TableNotFoundError as e: raise self._fail("read", e) from e
     except (DeltaError, OSError) as e:
         if version is None: raise self._fail("read", e) from e
@@ -279,3 +321,104 @@ def _vacuum(self: Table, retention_hours: float | None = None,  # keep files rem
 
 
 Table.vacuum = _vacuum
+
+# %% ../nbs/16_tables.ipynb #t7d1e2f3
+LEGACY = {"raw": "raw/sms_spam.csv", "manifest": "raw/manifest.json", "curated": "curated/sms_clean.parquet",
+          "predictions": "predictions/", "feedback": "feedback/"}  # the lake's layout before tables
+UPGRADE_MARKER = f"{TABLES_PREFIX}/upgrade.json"
+
+
+def _utc(v) -> pd.Timestamp:
+    t = pd.Timestamp(v)
+    return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).as_unit("us")
+
+
+def _legacy_raw(lake: Lake) -> tuple[pd.DataFrame, dict]:
+    "The old raw CSV as `raw` rows, and its batch row."
+    data = lake.read_bytes(LEGACY["raw"])
+    man = lake.read_json(LEGACY["manifest"]) if lake.exists(LEGACY["manifest"]) else {}
+    sha = man.get("source_sha256") or hashlib.sha256(data).hexdigest()
+    batch = {"batch_id": f"b-{sha[:12]}", "source": man.get("source", lake.url(LEGACY["raw"])), "source_sha256": sha,
+             "ingested_at": _utc(man.get("ingested_at") or datetime.now(UTC))}
+    raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)[["message_id", "label", "text"]]
+    raw = raw.assign(batch_id=batch["batch_id"], source=batch["source"], line=np.arange(1, len(raw) + 1),
+                     ingested_at=batch["ingested_at"])
+    batch |= {"rows_read": int(man.get("rows_read", len(raw))), "rows_accepted": int(man.get("rows_accepted", len(raw))),
+              "rows_refused": int(man.get("rows_refused", 0)), "rows_new": len(raw)}
+    return raw, batch
+
+
+def _legacy_curated(lake: Lake, batch: dict) -> pd.DataFrame:
+    "The old curated Parquet as `curated` rows of the one old batch."
+    cur = lake.read_parquet(LEGACY["curated"])[["message_id", "label", "text", "clean_text"]]
+    return cur.astype(str).assign(batch_id=batch["batch_id"], curated_at=batch["ingested_at"])
+
+# %% ../nbs/16_tables.ipynb #t7f4a5b6
+def _legacy_files(lake: Lake, prefix: str, read) -> tuple[list[pd.DataFrame], list[dict]]:
+    "Each file under `prefix` read by `read(path)`; unreadable ones reported, not fatal."
+    frames, bad = [], []
+    for f in lake.list(prefix):
+        try:
+            if (df := read(f)) is not None: frames.append(df.assign(_file=f))
+        except Exception as e:  # any unreadable file is reported, whatever the reader raised
+            bad.append({"file": f, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return frames, bad
+
+
+def _legacy_predictions(lake: Lake) -> tuple[pd.DataFrame, list[dict]]:
+    frames, bad = _legacy_files(lake, LEGACY["predictions"],
+                                lambda f: lake.read_parquet(f) if f.endswith(".parquet") else None)
+    if not frames: return pd.DataFrame(), bad
+    df = pd.concat(frames, ignore_index=True)
+    req = df.request_id.fillna(df._file) if "request_id" in df else df._file
+    n = df.groupby(req, sort=False).cumcount().astype(str)
+    pid = (req + ":" + n).where(df.prediction_id.isna(), df.prediction_id) if "prediction_id" in df else req + ":" + n
+    day = df._file.str.extract(r"dt=(\d{4}-\d{2}-\d{2})")[0]
+    ts = pd.to_datetime(df.timestamp, utc=True).astype("datetime64[us, UTC]")
+    extra = {"prediction_id": pid, "api_key_id": df.get("api_key_id"), "dt": day.fillna(ts.dt.strftime("%Y-%m-%d"))}
+    return df.drop(columns="_file").assign(timestamp=ts, **extra), bad
+
+# %% ../nbs/16_tables.ipynb #t7a7b8c9
+def _feedback_file(lake: Lake, f: str) -> pd.DataFrame | None:
+    if f.endswith(".csv"): df = pd.read_csv(io.BytesIO(lake.read_bytes(f)), dtype=str)
+    elif f.endswith(".parquet"): df = lake.read_parquet(f)
+    else: return None
+    if not {"message_id", "label"} <= set(df.columns): raise ValueError(f"columns {list(df.columns)}")
+    day = pd.Series(f).str.extract(r"dt=(\d{4}-\d{2}-\d{2})")[0][0]
+    at = df["timestamp"] if "timestamp" in df else pd.Series(day or datetime.now(UTC).isoformat(), index=df.index)
+    return pd.DataFrame({"prediction_id": None, "message_id": df.message_id.astype(str), "text": None,
+                         "label": df.label.astype(str).str.strip().str.lower(), "api_key_id": None,
+                         "received_at": pd.to_datetime(at, utc=True, format="ISO8601").astype("datetime64[us, UTC]"),
+                         "source": "upgrade"})
+
+# %% ../nbs/16_tables.ipynb #t7d0e1f2
+def _done_steps(t: Table) -> set:
+    return {m.get("upgrade") for m in t.history().meta} if t.exists() else set()
+
+
+def upgrade(lake: Lake,  # the lake in the old layout
+            settings: Settings | None = None,  # S3 options (default: the environment)
+            ) -> dict:
+    "Copy the old layout's raw, curated, predictions and feedback files into their tables, once; what it did."
+    if lake.exists(UPGRADE_MARKER): return lake.read_json(UPGRADE_MARKER) | {"unchanged": True}
+    report = {}
+    def step(name: str, frame, key: str | None = None, partition_by=None):
+        t = Table(lake, name, settings)
+        if name in _done_steps(t): return report.setdefault(name, {"rows": 0, "version": t.version(), "done": True})
+        df = frame() if callable(frame) else frame
+        if df is None or df.empty: return
+        meta = {"upgrade": name}
+        v = t.merge(df, key, meta=meta, partition_by=partition_by)["version"] if key else t.append(df, meta, partition_by)
+        report[name] = {"rows": len(df), "version": v}
+    if lake.exists(LEGACY["raw"]):
+        raw, batch = _legacy_raw(lake)
+        step("raw", raw, "message_id")
+        step("batches", pd.DataFrame([batch | {"raw_version": report.get("raw", {}).get("version")}]), "batch_id")
+        if lake.exists(LEGACY["curated"]): step("curated", lambda: _legacy_curated(lake, batch), "message_id")
+    preds, b1 = _legacy_predictions(lake)
+    step("predictions", preds, "prediction_id", ["dt"])
+    fb, b2 = _legacy_files(lake, LEGACY["feedback"], lambda f: _feedback_file(lake, f))
+    step("feedback", pd.concat(fb, ignore_index=True).drop(columns="_file") if fb else None)
+    marker = {"upgraded_at": datetime.now(UTC).isoformat(timespec="seconds"), "tables": report, "unreadable": b1 + b2}
+    lake.write_json(UPGRADE_MARKER, marker)
+    return marker
