@@ -34,9 +34,9 @@ from .config import (BackupSettings, DriftSettings, RetrainSettings, SpamMlopsEr
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'command', 'quiet_console', 'import_tensorflow', 'ingest', 'curate', 'features',
-           'feast_apply', 'materialize', 'FeaturesSource', 'train', 'tune', 'serve', 'drift', 'backup', 'restore',
-           'run', 'main']
+__all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'lake_app', 'command', 'quiet_console', 'import_tensorflow', 'ingest', 'curate',
+           'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'tune', 'serve', 'drift', 'backup',
+           'restore', 'run', 'main', 'lake_command', 'history', 'compact', 'vacuum', 'upgrade']
 
 # %% ../nbs/10_cli.ipynb #e06fc9e6
 app = typer.Typer(help="spam_mlops: a literate MLOps system for SMS spam detection.", no_args_is_help=True,
@@ -330,3 +330,94 @@ def run(ctx: typer.Context,
 def main():
     "Entry point of the `spam-mlops` console script."
     app()
+
+# %% ../nbs/10_cli.ipynb #h1c3d4e5
+lake_app = typer.Typer(help="The lake's Delta tables: history, compaction, vacuum, upgrade.", no_args_is_help=True)
+app.add_typer(lake_app, name="lake")
+
+
+def lake_command(name: str | None = None, **kw):
+    "Register a `lake` subcommand whose known errors end in one line and exit code 1."
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            try: return fn(*a, **k)
+            except SpamMlopsError as e: _fail(str(e))
+        return lake_app.command(name, **kw)(wrapper)
+    return deco
+
+
+def _tables(names: list[str] | None) -> list:
+    "The tables named (default: all), in the lake of the settings."
+    from spam_mlops.tables import TABLE_NAMES, table
+    s = get_settings()
+    return [table(Lake.from_settings(s), n, s) for n in (names or TABLE_NAMES)]
+
+
+@lake_command()
+def history(name: Annotated[str, typer.Argument(help="The table: raw, batches, curated, predictions, feedback")]):
+    "Print every version of a table: time, operation, rows added, rows in total, commit metadata."
+    import json
+    (t,) = _tables([name])
+    h = t.history()
+    if h.empty: _fail(f"no table {t.uri}")
+    h = h.assign(timestamp=h.timestamp.dt.strftime("%Y-%m-%d %H:%M:%S"), meta=h.meta.map(json.dumps))
+    print(h.rename(columns={"timestamp": "time (UTC)", "rows_added": "rows added", "rows_total": "rows total"})
+          .to_string(index=False))
+
+# %% ../nbs/10_cli.ipynb #h1c9b0c1
+def _kept_versions(settings) -> dict[str, list[int]]:
+    "Table versions the registered model's versions were trained on (their `data.<table>_version` tags)."
+    from spam_mlops.registry import RegistryError, bounded_http, check_health, client, redact
+    uri = settings.mlflow_tracking_uri
+    check_health(uri)
+    bounded_http()
+    try: versions = client(uri).search_model_versions(f"name = '{settings.model_name}'")
+    except Exception as e:  # whatever MLflow raised: without the list nothing may be deleted
+        raise RegistryError(f"cannot read the model versions of {settings.model_name} at {redact(uri)}, so "
+                            f"nothing is vacuumed: {str(e)[:300]}") from e
+    keep: dict[str, set] = {}
+    for mv in versions:
+        for k, v in (mv.tags or {}).items():
+            if k.startswith("data.") and k.endswith("_version") and str(v).isdigit():
+                keep.setdefault(k[len("data."):-len("_version")], set()).add(int(v))
+    return {k: sorted(v) for k, v in keep.items()}
+
+
+@lake_command()
+def compact(names: Annotated[list[str] | None, typer.Argument(help="Tables (default: all)")] = None,
+            min_files: Annotated[int | None, typer.Option(help="Compact from this many files "
+                                                          "(SPAM_MLOPS_TABLES_COMPACT_MIN_FILES)")] = None):
+    "Rewrite the small files of each table into few (from SPAM_MLOPS_TABLES_COMPACT_MIN_FILES files)."
+    for t in _tables(names):
+        c = t.compact(min_files)
+        if c["version"] is None: print(f"lake compact: {t.name}: no table")
+        elif not c["compacted"]: print(f"lake compact: {t.name}: {c['files']} files, nothing to do")
+        else: print(f"lake compact: {t.name}: {c['files']} files -> {c['files_added']} (version {c['version']})")
+
+
+@lake_command()
+def vacuum(names: Annotated[list[str] | None, typer.Argument(help="Tables (default: all)")] = None,
+           retention_hours: Annotated[float | None, typer.Option(help="Keep files removed less than this long ago "
+                                                                 "(SPAM_MLOPS_TABLES_RETENTION_HOURS)")] = None,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted")] = False):
+    "Delete old files no version within the retention, or of a registered model, still needs."
+    keep = _kept_versions(get_settings())
+    for t in _tables(names):
+        v = t.vacuum(retention_hours, keep_versions=keep.get(t.name, ()), dry_run=dry_run)
+        kept = f"; keeping versions {keep[t.name]}" if keep.get(t.name) else ""
+        print(f"lake vacuum: {t.name}: {len(v['deleted'])} files {'to delete' if dry_run else 'deleted'} "
+              f"(retention {v['retention_hours']:.1f} h{kept})")
+        if dry_run: print("".join(f"  {f}\n" for f in v["deleted"]), end="")
+
+# %% ../nbs/10_cli.ipynb #h1c5f6a7
+@lake_command()
+def upgrade():
+    "Copy a lake of the old layout (raw CSV, curated Parquet, predictions/ and feedback/ files) into the tables, once."
+    from spam_mlops.tables import UPGRADE_MARKER, upgrade as run
+    s = get_settings()
+    lake = Lake.from_settings(s)
+    r = run(lake, s)
+    if r.get("unchanged"): return print(f"lake upgrade: already done at {r['upgraded_at']} ({lake.url(UPGRADE_MARKER)})")
+    done = ", ".join(f"{n} {t['rows']} rows (v{t['version']})" for n, t in r["tables"].items()) or "nothing to copy"
+    print(f"lake upgrade: {done}" + (f"; {len(r['unreadable'])} unreadable files skipped" if r["unreadable"] else ""))

@@ -1,4 +1,4 @@
-"""The lake's Delta tables: atomic commits, versions and history, upserts by `message_id`, compaction and a vacuum
+"""The lake's Delta tables: atomic commits, versions, history, upserts, compaction and a vacuum that keeps versions.
 
 `raw`, `curated`, `predictions`, `feedback` and `batches` are Delta Lake tables under `<lake>/tables/<name>`,
 written with `deltalake` (delta-rs: no Spark, no JVM) on a folder or on `s3://` (MinIO: a commit is a conditional
@@ -37,11 +37,12 @@ from .config import Settings, SpamMlopsError, TableSettings, get_settings
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['TABLES_PREFIX', 'LOG_RETENTION', 'LEGACY', 'UPGRADE_MARKER', 'TableError', 'storage_options', 'Table', 'table',
-           'upgrade']
+__all__ = ['TABLES_PREFIX', 'TABLE_NAMES', 'LOG_RETENTION', 'LEGACY', 'UPGRADE_MARKER', 'TableError', 'storage_options', 'Table',
+           'table', 'upgrade']
 
 # %% ../nbs/16_tables.ipynb #t2d6e7f8
 TABLES_PREFIX = "tables"  # tables live at <lake>/tables/<name>
+TABLE_NAMES = ("raw", "batches", "curated", "predictions", "feedback")  # the lake's tables
 LOG_RETENTION = "interval 3650 days"  # the commit log is kept (time travel needs it); vacuum deletes data files only
 
 

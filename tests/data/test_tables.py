@@ -16,7 +16,7 @@ from support import wait_until
 
 from spam_mlops.config import get_settings
 from spam_mlops.lake import Lake
-from spam_mlops.tables import TableError, table
+from spam_mlops.tables import UPGRADE_MARKER, TableError, table, upgrade
 
 # appends N commits of K rows to table NAME of the lake in SPAM_MLOPS_LAKE; prints each new version
 WRITER = """
@@ -135,3 +135,82 @@ def test_vacuum_keeps_what_kept_versions_need(settings):
     with pytest.raises(TableError, match=r"version 1 is no longer readable \(vacuumed\); the oldest readable is 5"):
         t.read(version=1)
     with pytest.raises(TableError, match=r"cannot keep versions \[99\]"): t.vacuum(keep_versions=[99])
+
+
+def test_upgrade_copies_the_old_layout_once(settings):
+    "A lake of the old layout (raw CSV + manifest, curated Parquet, predictions/ and feedback/ files) becomes tables."
+    lake = Lake.from_settings(settings)
+    lake.write_bytes("raw/sms_spam.csv", b"message_id,label,text\nm1,ham,hi there\nm2,spam,WIN cash\nm3,ham,ok\n")
+    lake.write_json("raw/manifest.json", {"source": "uci", "source_sha256": "cd" * 32, "rows_read": 4,
+                                          "rows_accepted": 3, "rows_refused": 1, "ingested_at": "2026-11-30T10:00:00"})
+    lake.write_parquet("curated/sms_clean.parquet", pd.DataFrame(
+        {"message_id": ["m1", "m2"], "label": ["ham", "spam"], "text": ["hi there", "WIN cash"],
+         "clean_text": ["hi there", "win cash"]}))
+    for day, req in (("2026-11-29", "r1"), ("2026-11-30", "r2")):
+        lake.write_parquet(f"predictions/dt={day}/120000-{req}.parquet", pd.DataFrame(
+            {"timestamp": pd.Timestamp(f"{day} 12:00", tz="UTC"), "request_id": req, "message_id": ["m1", "m9"],
+             "spam_probability": [0.2, 0.8], "prediction": ["ham", "spam"], "model_version": "3"}))
+    lake.write_bytes("predictions/dt=2026-11-30/130000-bad.parquet", b"not parquet")
+    lake.write_bytes("feedback/dt=2026-11-30/140000-a.csv", b"message_id,label,timestamp\nm9,spam,2026-11-30T14:00:00\n")
+    r = upgrade(lake, settings)
+    assert {n: t["rows"] for n, t in r["tables"].items()} == {"raw": 3, "batches": 1, "curated": 2, "predictions": 4,
+                                                              "feedback": 1}
+    assert [u["file"] for u in r["unreadable"]] == ["predictions/dt=2026-11-30/130000-bad.parquet"]
+    raw = table(lake, "raw", settings).read().sort_values("line")
+    assert raw.line.tolist() == [1, 2, 3] and set(raw.batch_id) == {"b-" + "cd" * 6} and set(raw.source) == {"uci"}
+    assert str(raw.ingested_at.dtype) == "datetime64[us, UTC]"
+    preds = table(lake, "predictions", settings)
+    assert sorted(preds.read().prediction_id) == ["r1:0", "r1:1", "r2:0", "r2:1"]
+    assert preds.read(filters=[("dt", "=", "2026-11-29")]).request_id.tolist() == ["r1", "r1"]
+    fb = table(lake, "feedback", settings).read()
+    assert fb.iloc[0].to_dict() | {"received_at": None} == {
+        "prediction_id": None, "message_id": "m9", "text": None, "label": "spam", "api_key_id": None,
+        "received_at": None, "source": "upgrade"}
+    b = table(lake, "batches", settings).read().iloc[0]
+    assert (b.rows_read, b.rows_new, b.raw_version) == (4, 3, 0)
+    versions = {n: table(lake, n, settings).version() for n in r["tables"]}
+    assert upgrade(lake, settings)["unchanged"]  # a second run changes nothing
+    assert {n: table(lake, n, settings).version() for n in r["tables"]} == versions
+    assert lake.exists("raw/sms_spam.csv") and lake.exists("feedback/dt=2026-11-30/140000-a.csv")  # old files stay
+
+
+def test_an_interrupted_upgrade_redoes_only_what_is_missing(tmp_path):
+    "Steps committed before a crash are not repeated (each step's commit names itself)."
+    s = get_settings(lake=str(tmp_path))
+    lake = Lake.from_settings(s)
+    lake.write_bytes("raw/sms_spam.csv", b"message_id,label,text\nm1,ham,hi\n")
+    lake.write_bytes("feedback/dt=2026-11-30/a.csv", b"message_id,label\nm1,spam\n")
+    upgrade(lake, s)
+    lake.fs.delete_file(lake.path(UPGRADE_MARKER))  # as if killed before the marker was written
+    r = upgrade(lake, s)
+    assert all(t.get("done") for t in r["tables"].values()) and len(table(lake, "feedback", s).read()) == 1
+
+
+def test_cli_vacuum_keeps_the_versions_registered_models_name(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from spam_mlops.cli import app
+    from spam_mlops.registry import client
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    s = get_settings(lake=str(tmp_path / "lake"))
+    t = table(Lake.from_settings(s), "curated", s)
+    for i in range(3): t.append(_rows([f"m{i}"]))
+    t.merge(_rows(["m0"], label="spam"), update=True)
+    t.compact(min_files=2)
+    c = client(uri)
+    c.create_registered_model("spam_detection")
+    c.create_model_version("spam_detection", source=str(tmp_path), tags={"data.curated_version": "1"})
+    env = {"SPAM_MLOPS_LAKE": s.lake, "MLFLOW_TRACKING_URI": uri, "SPAM_MLOPS_TABLES_RETENTION_HOURS": "0"}
+    def lake_cli(*args):
+        r = CliRunner().invoke(app, ["-v", "lake", *args], env=env)
+        assert r.exit_code == 0, r.output
+        return r.stdout
+    out = lake_cli("vacuum", "curated")
+    assert out.startswith("lake vacuum: curated: 0 files deleted (retention 0.0 h; keeping versions [1])"), out
+    assert len(t.read(version=1)) == 2
+    c.delete_registered_model("spam_detection")
+    assert "to delete" in lake_cli("vacuum", "curated", "--dry-run") and len(t.read(version=1)) == 2
+    assert lake_cli("vacuum", "curated").startswith("lake vacuum: curated: 4 files deleted (retention 0.0 h)")
+    with pytest.raises(TableError, match="the oldest readable is 4"): t.read(version=1)  # 4: the compaction
+    assert [line.split()[3] for line in lake_cli("history", "curated").splitlines()[1:6]] == [
+        "WRITE", "WRITE", "WRITE", "MERGE", "OPTIMIZE"]
