@@ -43,7 +43,7 @@ from .lake import Lake
 from .predlog import PREDICTIONS, read_feedback, read_predictions
 from .profile import (BINARY, NUMERIC, QUANTILES, MissingBaseline, bin_proportions, fetch_baseline,
                                 js_divergence, log_baseline, psi, token_distribution)
-from .retrain import compute_baseline, trigger_retraining
+from .retrain import compute_baseline, labels_since, trigger_retraining
 
 # %% auto #0
 __all__ = ['REPORTS', 'LATEST', 'PUSH_JOB', 'DriftError', 'DriftInputError', 'resolve_model', 'load_baseline', 'feature_tests',
@@ -304,6 +304,13 @@ def metrics_registry(report: dict):
         int(bool((report.get("decision") or {}).get("drift_detected"))))
     Gauge("spam_drift_last_run_timestamp_seconds", "Unix time of the last drift run that tested a window",
           registry=reg).set(report.get("finished_at_unix") or time.time())
+    if labels := report.get("labels"):  # drift retrains only on enough new labels: how many there are, and needed
+        Gauge("spam_drift_new_labels", "Labels the champion was not trained on (last drift run)", registry=reg).set(
+            labels["new"])
+        Gauge("spam_drift_labels_needed", "New labels a drift retraining needs (min_new_labels)", registry=reg).set(
+            labels["needed"])
+    Gauge("spam_drift_waiting_for_labels", "1 when drift was found but the retraining waits for labels",
+          registry=reg).set(int(report.get("status") == "waiting_for_labels"))
     acc = (report.get("accuracy") or {}).get("accuracy")
     if acc is not None:
         Gauge("spam_model_accuracy", "Rolling accuracy of the served model on labelled feedback", registry=reg).set(acc)
@@ -329,10 +336,12 @@ class DriftReport:
     def __str__(self):
         r, d = self.report, self.report.get("decision") or {}
         where = f"report {self.paths.get('json')}"
-        if r["status"] not in ("ok", "retrain_failed"): return f"drift: {r['status']}: {r.get('message')}; {where}"
+        if r["status"] not in ("ok", "retrain_failed", "waiting_for_labels"):
+            return f"drift: {r['status']}: {r.get('message')}; {where}"
         groups = ", ".join(g for g, v in d.get("groups", {}).items() if v) or "none"
         rt = r.get("retraining") or {}
         detail = rt.get("version") or rt.get("rayjob") or rt.get("reason") or rt.get("error") or ""
+        if rt.get("data"): detail = f"{detail} (data: {', '.join(f'{k} v{v}' for k, v in rt['data'].items())})"
         acc = (r.get("accuracy") or {}).get("accuracy")
         return (f"drift: {r['window']['messages']} messages vs model {r['baseline']['model'].get('version')}: "
                 f"{'DRIFT' if d.get('drift_detected') else 'no drift'} (groups: {groups}; features drifted: "
@@ -400,6 +409,18 @@ def _finish(report: dict, lake: Lake, settings: Settings, window=None, profile=N
     return DriftReport(report, write_report(lake, report, page))
 
 
+def _labels(report: dict, lake: Lake, settings: Settings, cfg: DriftSettings) -> dict | None:
+    "New labels since the baseline model's training data, and how many a retraining needs (None: it needs none)."
+    if cfg.min_new_labels <= 0: return None
+    model, data = report["baseline"]["model"], None
+    if model.get("name") and model.get("version"):
+        client = registry.client(settings.mlflow_tracking_uri)
+        try: data = registry.data_versions(client, model["name"], model["version"])
+        except registry.RegistryUnreachable: raise
+        except registry.RegistryError: data = None  # a version not in this registry: it recorded no data
+    return labels_since(lake, data, settings) | {"needed": cfg.min_new_labels}
+
+
 def _test_window(report, lake, settings, cfg, retrain, window, profile, now, run_local, k8s_api) -> None:
     "Tests, decision, accuracy and, on drift, the retraining, into `report`."
     report["baseline"] = {"model": profile.get("model", {}), "created_at": profile.get("created_at"),
@@ -409,6 +430,12 @@ def _test_window(report, lake, settings, cfg, retrain, window, profile, now, run
     report["accuracy"] = feedback_accuracy(lake, cfg, now)
     if not report["decision"]["drift_detected"]:
         report["retraining"] = {"action": "none", "reason": "no significant drift"}
+        return
+    labels = report["labels"] = _labels(report, lake, settings, cfg)
+    if labels and labels["new"] < labels["needed"]:
+        report["message"] = f"drift detected, waiting for labels: {labels['new']} of {labels['needed']}"
+        report["status"] = "waiting_for_labels"
+        report["retraining"] = {"action": "waiting", "reason": report["message"]}
         return
     report["retraining"] = trigger_retraining(lake, settings, retrain, report["id"], now, run_local, k8s_api)
     if report["retraining"]["action"] == "failed": report["status"] = "retrain_failed"

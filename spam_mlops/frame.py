@@ -31,12 +31,13 @@ from .curate import clean_text
 from .features import FEATURE_TYPES, compute_features
 from .ingest import message_id
 from .lake import Lake
-from .tables import Table, TableError
+from .tables import Table
 
 # %% auto #0
-__all__ = ['FEEDBACK_SOURCE', 'TABLES', 'FRAME_COLUMNS', 'AS_OF_HELP', 'TrainError', 'training_rows', 'feedback_rows',
-           'cap_feedback', 'combine', 'frame_digest', 'label_mix', 'table_versions', 'versions_at', 'resolve_as_of',
-           'frame_lineage', 'lineage_tags', 'log_lineage']
+__all__ = ['FEEDBACK_SOURCE', 'TABLES', 'FRAME_COLUMNS', 'SPLIT_FRACTIONS', 'AS_OF_HELP', 'TrainError', 'training_rows',
+           'feedback_rows', 'cap_feedback', 'combine', 'split_of', 'split_frame', 'sample_frame', 'test_splits',
+           'frame_digest', 'label_mix', 'table_versions', 'versions_at', 'resolve_as_of', 'frame_lineage',
+           'lineage_tags', 'log_lineage']
 
 # %% ../nbs/04_frame.ipynb #a28e071a
 class TrainError(SpamMlopsError):
@@ -115,6 +116,45 @@ def combine(corpus: pd.DataFrame,  # corpus rows: message_id, label, clean_text,
     report = {"corpus_rows": len(corpus), "feedback_rows": n_fb, "feedback_in_corpus": int(known.sum()),
               "feedback_in_corpus_other_label": disagree, "feedback_over_cap": len(new) - n_fb}
     return df[[c for c in FRAME_COLUMNS if c in df]], report
+
+# %% ../nbs/04_frame.ipynb #6e9d6e39
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
+
+
+def split_of(message_ids: pd.Series, fractions=SPLIT_FRACTIONS, salt: str = "split-v1") -> np.ndarray:
+    "'train', 'val' or 'test' for each message, a pure function of its id."
+    b = np.array([int.from_bytes(hashlib.blake2b(f"{salt}:{m}".encode(), digest_size=8).digest(), "big") % 10_000
+                  for m in message_ids])
+    cuts = np.cumsum(fractions)[:2] * 10_000
+    return np.where(b < cuts[0], "train", np.where(b < cuts[1], "val", "test"))
+
+
+def split_frame(df: pd.DataFrame, fractions=SPLIT_FRACTIONS) -> dict[str, pd.DataFrame]:
+    "The frame split into train/val/test (per label, by message id); error if a split is empty or single-class."
+    if df.empty: raise TrainError("the training frame is empty")
+    if df.y.nunique() < 2:
+        raise TrainError(f"the training frame has a single class ({df.label.iloc[0]}): need ham and spam")
+    where = pd.Series(split_of(df.message_id, fractions), index=df.index)
+    parts = {k: df[(where == k).values].reset_index(drop=True) for k in ("train", "val", "test")}
+    for k, p in parts.items():
+        if p.y.nunique() < 2: raise TrainError(f"the {k} split has {len(p)} rows and not both classes: too little data")
+    return parts
+
+
+def sample_frame(df: pd.DataFrame, n: int | None, seed: int = 42) -> pd.DataFrame:
+    "A stratified sample of about n corpus rows (all if n is None or too big); feedback rows are all kept."
+    fb = (df.source == FEEDBACK_SOURCE).values if "source" in df else np.zeros(len(df), bool)
+    corpus = df[~fb]
+    if not n or n >= len(corpus): return df
+    part = corpus.groupby("label", group_keys=False).sample(frac=n / len(corpus), random_state=seed)
+    return pd.concat([part, df[fb]]).sort_values("message_id", ignore_index=True) if fb.any() else \
+        part.reset_index(drop=True)
+
+
+def test_splits(test: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The test split's corpus rows (the gate's fixed split) and its feedback rows (the recent split)."
+    fb = (test.source == FEEDBACK_SOURCE).values if "source" in test else np.zeros(len(test), bool)
+    return test[~fb].reset_index(drop=True), test[fb].reset_index(drop=True)
 
 # %% ../nbs/04_frame.ipynb #f52ed10a
 def frame_digest(df: pd.DataFrame) -> str:

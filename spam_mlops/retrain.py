@@ -26,13 +26,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .config import RetrainSettings, Settings, SpamMlopsError
+from .frame import _untag, feedback_rows
 from .lake import Lake
 from .profile import MissingBaseline, model_vocabulary, profile_from_parts
 
 # %% auto #0
 __all__ = ['LOCK', 'STATE', 'FINISHED', 'RetrainError', 'acquire_lock', 'release_lock', 'read_state', 'retrain_local',
-           'load_template', 'training_job', 'jobs_in_flight', 'submit_training_job', 'trigger_retraining',
-           'keras_model', 'compute_baseline']
+           'labels_since', 'load_template', 'training_job', 'jobs_in_flight', 'submit_training_job',
+           'trigger_retraining', 'keras_model', 'compute_baseline']
 
 # %% ../nbs/07c_retrain.ipynb #4082bec2
 LOCK = "drift/retrain.lock"  # held while a retraining is being started or (locally) runs
@@ -110,7 +111,20 @@ def retrain_local(settings: Settings, cfg: RetrainSettings) -> dict:
                 "metrics": w.metrics}
     from spam_mlops.train import train
     r = train(settings, config=cfg.train_config or None, sample_n=cfg.train_sample_n or None, workers=cfg.train_workers)
-    return {"run_id": r.run_id, "version": r.version, "gate": r.gate["decision"], "metrics": r.metrics}
+    return {"run_id": r.run_id, "version": r.version, "gate": r.gate["decision"], "metrics": r.metrics,
+            "data": r.lineage.get("versions"), "rows": r.lineage.get("rows"), "digest": r.lineage.get("digest")}
+
+# %% ../nbs/07c_retrain.ipynb #daba7959
+def labels_since(lake: Lake,  # the lake holding the feedback and predictions tables
+                 data: dict | None,  # the model's data tags (registry.data_versions); None: it held no feedback
+                 settings: Settings | None = None) -> dict:
+    "Labelled feedback messages the model's training frame did not hold: {new, labelled, feedback_version, ...}."
+    now, report = feedback_rows(lake, None, settings)
+    fv = _untag((data or {}).get("feedback_version"))
+    old = now.iloc[:0] if fv is None else feedback_rows(
+        lake, {"feedback": fv, "predictions": _untag((data or {}).get("predictions_version"))}, settings)[0]
+    return {"new": int((~now.message_id.isin(old.message_id)).sum()), "labelled": len(now),
+            "feedback_version": report.get("feedback_version"), "model_feedback_version": fv}
 
 # %% ../nbs/07c_retrain.ipynb #32761e8b
 def _custom_api():

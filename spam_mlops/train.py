@@ -1,16 +1,20 @@
 """The LSTM trained on Ray Train, tracked in MLflow, scored beside a classical baseline, promoted through a gate.
 
-The training frame (curated `clean_text` and label, with the message features from Feast's historical retrieval) is
-split into train / validation / test by a salted hash of `message_id` inside each label, so a message never changes
-split between runs. The network, its vectoriser and the one training loop come from `spam_mlops.model`; Ray Train's
-`TensorflowTrainer` runs that loop on N workers (`train_loop_per_worker`), and Ray starts only through
-`spam_mlops.cluster`. `train()` wraps it all in one MLflow run: parameters, per-epoch metrics, test metrics of the
-LSTM and of a character n-gram linear SVM trained on the same split, plotly charts, the model (a pyfunc wrapper
-around the `.keras` file, and the same network in MLflow's TensorFlow/Keras flavour), the vocabulary and the drift
-baseline (`spam_mlops.profile`); it registers the model with alias `challenger` and moves `champion` only when the
-challenger beats the champion's MCC on the same test split and clears the spam-recall floor. All MLflow access goes
-through `spam_mlops.registry`, on the tracking server the settings name: nothing here changes the process's
-tracking or registry URI for longer than a run.
+The training frame (`spam_mlops.frame`: every curated corpus row with its features, from Feast's historical
+retrieval, plus every labelled prediction, each row with its `source`) is split into train / validation / test by a
+salted hash of `message_id` inside each label, so a message never changes split between runs. The network, its
+vectoriser and the one training loop come from `spam_mlops.model`; Ray Train's `TensorflowTrainer` runs that loop
+on N workers (`train_loop_per_worker`), and Ray starts only through `spam_mlops.cluster`. `train()` wraps it all in
+one MLflow run: parameters, the frame's lineage (table versions, rows per source, digest: `mlflow.log_input` and
+`data.*` tags on the run and on the registered version), per-epoch metrics, test metrics of the LSTM and of a
+character n-gram linear SVM trained on the same split, plotly charts, the model (a pyfunc wrapper around the
+`.keras` file, and the same network in MLflow's TensorFlow/Keras flavour), the vocabulary and the drift baseline
+(`spam_mlops.profile`). It registers the model with alias `challenger`; the gate moves `champion` only when the
+challenger does not regress on the fixed corpus test split (MCC at most `mcc_margin` below the champion's, spam
+recall at least the floor) and, once the recent test split (the test share of labelled feedback) holds
+`recent_min_rows`, beats the champion there (`TrainSettings`). `train(as_of=...)` rebuilds a past frame from the
+tables' history. All MLflow access goes through `spam_mlops.registry`, on the tracking server the settings name:
+nothing here changes the process's tracking or registry URI for longer than a run.
 
 Docs: https://spam-mlops.github.io/spam_mlops/train.html.md"""
 
@@ -31,10 +35,12 @@ import numpy as np
 import pandas as pd
 
 from . import cluster, registry
-from .config import Settings, SpamMlopsError, get_settings
-from .curate import CURATED, read_curated
+from .config import Settings, SpamMlopsError, TrainSettings, get_settings
 from .feature_store import FeatureStoreError, MissingFeaturesError, historical_features
 from .features import read_features
+from .frame import (FEEDBACK_SOURCE, SPLIT_FRACTIONS, TrainError, _table, cap_feedback, combine, feedback_rows,
+                              frame_lineage, lineage_tags, log_lineage, resolve_as_of, sample_frame, split_frame,
+                              split_of, test_splits, versions_at)
 from .ingest import MANIFEST
 from .lake import Lake
 # the model's building blocks, re-exported: their old `spam_mlops.train.<name>` keeps working
@@ -42,27 +48,28 @@ from .model import DEFAULT_CONFIG, SpamModel, _requirements, build_model, class_
 from .model import export_model, fit_model, make_vectorizer, predict_texts, prepare_data, train_baseline
 from .profile import BASELINE_ARTIFACT, log_baseline, profile_from_parts
 from .registry import RegistryError
+from .tables import TableError
 
 # %% auto #0
-__all__ = ['SPLIT_FRACTIONS', 'RECALL_FLOOR', 'FEATURES_SOURCES', 'TrainError', 'training_frame', 'raw_sha256', 'split_of',
-           'split_frame', 'sample_frame', 'epoch_logger', 'train_loop_per_worker', 'run_trainer', 'fit', 'charts',
-           'log_served_model', 'load_keras_model', 'log_keras_flavour', 'promote', 'TrainReport', 'git_commit', 'train']
+__all__ = ['RECALL_FLOOR', 'FEATURES_SOURCES', 'build_frame', 'training_frame', 'raw_sha256', 'epoch_logger',
+           'train_loop_per_worker', 'run_trainer', 'fit', 'charts', 'log_served_model', 'load_keras_model',
+           'log_keras_flavour', 'promote', 'TrainReport', 'git_commit', 'train']
 
 # %% ../nbs/04b_train.ipynb #9debd6af
-class TrainError(SpamMlopsError):
-    "Training cannot start or finish: missing or unusable data, a bad configuration."
-
-
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test
-RECALL_FLOOR = 0.90  # a model below this spam recall on the test split never becomes champion
+RECALL_FLOOR = 0.90  # the default spam-recall floor (TrainSettings.recall_floor) of the corpus test split
 FEATURES_SOURCES = ("feast", "lake")  # where the training frame's features come from
 
 # %% ../nbs/04b_train.ipynb #3a68e2da
-def _curated_rows(lake: Lake) -> pd.DataFrame:
-    "message_id, label, clean_text of every curated message, sorted by message_id."
-    if not lake.exists(CURATED):
-        raise TrainError(f"no curated data at {lake.url(CURATED)}: run `spam-mlops curate` first")
-    return read_curated(lake)[["message_id", "label", "clean_text"]].sort_values("message_id", ignore_index=True)
+def _curated_rows(lake: Lake, version: int | None = None, settings: Settings | None = None,
+                  ) -> tuple[pd.DataFrame, int]:
+    "message_id, label, clean_text, batch_id, curated_at of the curated table at `version` (default: latest), sorted."
+    cur = _table(lake, "curated", settings)
+    if not cur.exists(): raise TrainError(f"no curated data at {cur.uri}: run `spam-mlops curate` first")
+    version = cur.version() if version is None else version
+    try: df = cur.read(version=version)
+    except TableError as e: raise TrainError(f"cannot read the corpus of the training frame: {e}") from e
+    keep = [c for c in ("message_id", "label", "clean_text", "batch_id", "curated_at") if c in df]
+    return df[keep].sort_values("message_id", ignore_index=True), version
 
 
 def _lake_join(cur: pd.DataFrame, lake: Lake) -> pd.DataFrame:
@@ -76,10 +83,9 @@ def _lake_join(cur: pd.DataFrame, lake: Lake) -> pd.DataFrame:
 
 # %% ../nbs/04b_train.ipynb #51b3d911
 def _feast_retrieval(cur: pd.DataFrame, lake: Lake, settings: Settings) -> pd.DataFrame:
-    "cur with the features Feast's historical retrieval returns as of each message's ingest time."
-    if not lake.exists(MANIFEST):
-        raise TrainError(f"no ingest manifest at {lake.url(MANIFEST)}: run `spam-mlops ingest` first")
-    entity = cur.assign(event_timestamp=pd.Timestamp(lake.read_json(MANIFEST)["ingested_at"]))
+    "cur with the features Feast's historical retrieval returns as of each message's arrival time (curated_at)."
+    if "curated_at" not in cur: raise TrainError("curated rows without curated_at: run `spam-mlops lake upgrade`")
+    entity = cur.drop(columns=["curated_at"]).assign(event_timestamp=pd.to_datetime(cur.curated_at, utc=True))
     try: df = historical_features(settings, entity)
     except MissingFeaturesError as e:
         raise TrainError(f"Feast's historical retrieval lost curated messages: {e}; rerun `spam-mlops features` "
@@ -91,51 +97,39 @@ def _feast_retrieval(cur: pd.DataFrame, lake: Lake, settings: Settings) -> pd.Da
     return df.drop(columns=["event_timestamp"]).sort_values("message_id", ignore_index=True)
 
 # %% ../nbs/04b_train.ipynb #db33f8c4
-def training_frame(settings: Settings | None = None,  # the lake and Feast settings (default: get_settings())
-                   lake: Lake | None = None,  # the lake (default: settings.lake)
-                   source: str = "feast") -> pd.DataFrame:  # "feast" or "lake": see FEATURES_SOURCES
-    "Curated messages with their features, sorted by message_id: message_id, label, clean_text, features, y."
+def build_frame(settings: Settings | None = None,  # the lake and Feast settings (default: get_settings())
+                lake: Lake | None = None,  # the lake (default: settings.lake)
+                source: str = "feast",  # "feast" or "lake": see FEATURES_SOURCES
+                as_of: dict | None = None,  # table versions to read ({"curated": v, ...}; None: the latest)
+                feedback: bool = True,  # add the labelled feedback
+                share_max: float | None = None) -> tuple[pd.DataFrame, dict]:  # feedback cap (TrainSettings')
+    "The training frame (sorted by message_id: message_id, label, clean_text, features, source, y) and its lineage."
     if source not in FEATURES_SOURCES:
         raise TrainError(f"features source {source!r}: use one of {', '.join(FEATURES_SOURCES)}")
     if settings is None: settings = get_settings(lake=lake.uri) if lake is not None else get_settings()
     lake = lake or Lake.from_settings(settings)
-    cur = _curated_rows(lake)
-    df = _feast_retrieval(cur, lake, settings) if source == "feast" else _lake_join(cur, lake)
-    df["y"] = (df.label == "spam").astype("int64")
-    return df
+    share = get_settings(TrainSettings).feedback_share_max if share_max is None else share_max
+    cur, version = _curated_rows(lake, (as_of or {}).get("curated"), settings)
+    corpus = _feast_retrieval(cur, lake, settings) if source == "feast" else _lake_join(cur, lake)
+    corpus = corpus.drop(columns=["curated_at"], errors="ignore")
+    fb, report = feedback_rows(lake, as_of, settings) if feedback else (corpus.iloc[:0], {})
+    df, combined = combine(corpus, fb, share)
+    versions = (as_of or versions_at(lake, version, settings)) | {"curated": version}
+    if as_of is None: versions |= {k: report.get(f"{k}_version") for k in ("feedback", "predictions")}
+    return df, frame_lineage(df, versions, report | combined)
+
+
+def training_frame(settings: Settings | None = None, lake: Lake | None = None, source: str = "feast",
+                   as_of: dict | None = None, feedback: bool = True) -> pd.DataFrame:
+    "build_frame's frame alone: message_id, label, clean_text, features, source, api_key_id, y."
+    return build_frame(settings, lake, source, as_of, feedback)[0]
 
 
 def raw_sha256(lake: Lake) -> str:
-    "sha256 of the ingested corpus, from raw/manifest.json."
+    "sha256 of the last ingested batch, from raw/manifest.json."
     if not lake.exists(MANIFEST): return "unknown"
     m = lake.read_json(MANIFEST)
-    return m.get("source_sha256") or m.get("raw_sha256") or "unknown"
-
-# %% ../nbs/04b_train.ipynb #fa6115f3
-def split_of(message_ids: pd.Series, fractions=SPLIT_FRACTIONS, salt: str = "split-v1") -> np.ndarray:
-    "'train', 'val' or 'test' for each message, a pure function of its id."
-    b = np.array([int.from_bytes(hashlib.blake2b(f"{salt}:{m}".encode(), digest_size=8).digest(), "big") % 10_000
-                  for m in message_ids])
-    cuts = np.cumsum(fractions)[:2] * 10_000
-    return np.where(b < cuts[0], "train", np.where(b < cuts[1], "val", "test"))
-
-
-def split_frame(df: pd.DataFrame, fractions=SPLIT_FRACTIONS) -> dict[str, pd.DataFrame]:
-    "The frame split into train/val/test (per label, by message id); error if a split is empty or single-class."
-    if df.empty: raise TrainError("the training frame is empty")
-    if df.y.nunique() < 2:
-        raise TrainError(f"the training frame has a single class ({df.label.iloc[0]}): need ham and spam")
-    where = pd.Series(split_of(df.message_id, fractions), index=df.index)
-    parts = {k: df[(where == k).values].reset_index(drop=True) for k in ("train", "val", "test")}
-    for k, p in parts.items():
-        if p.y.nunique() < 2: raise TrainError(f"the {k} split has {len(p)} rows and not both classes: too little data")
-    return parts
-
-
-def sample_frame(df: pd.DataFrame, n: int | None, seed: int = 42) -> pd.DataFrame:
-    "A stratified sample of about n rows (all rows if n is None or too big)."
-    if not n or n >= len(df): return df
-    return df.groupby("label", group_keys=False).sample(frac=n / len(df), random_state=seed).reset_index(drop=True)
+    return m.get("source_sha256") or m.get("sha256") or m.get("raw_sha256") or "unknown"
 
 # %% ../nbs/04b_train.ipynb #77499831
 _MLFLOW_KEYS = ("mlflow_run_id", "mlflow_tracking_uri")
@@ -291,26 +285,50 @@ def _champion_scores(client, name: str, version: str, texts) -> np.ndarray:
     return predict_texts(net, texts)
 
 
+def _decision(g: dict) -> str:
+    "promoted, or the rule that failed with its numbers."
+    if g["challenger_recall"] < g["recall_floor"]:
+        return f"rejected: spam recall {g['challenger_recall']:.3f} on the corpus test split is below the floor " \
+               f"{g['recall_floor']:.2f}"
+    if g["champion_mcc"] is not None and g["challenger_mcc"] < g["champion_mcc"] - g["mcc_margin"]:
+        return f"rejected: corpus test MCC {g['challenger_mcc']:.3f} is more than {g['mcc_margin']} below the " \
+               f"champion's {g['champion_mcc']:.3f}"
+    if g["recent_used"] and g["champion_recent_mcc"] is not None \
+            and g["challenger_recent_mcc"] <= g["champion_recent_mcc"]:
+        return f"rejected: recent test MCC {g['challenger_recent_mcc']:.3f} does not beat the champion's " \
+               f"{g['champion_recent_mcc']:.3f} ({g['recent_rows']} rows)"
+    return "promoted"
+
+
 def promote(client,  # an MlflowClient on the registry
             name: str,  # the registered model
             version: str,  # the challenger's version
-            challenger: dict,  # the challenger's test metrics (mcc, recall)
-            test: pd.DataFrame,  # the test split the champion is scored on (clean_text, y)
-            recall_floor: float = RECALL_FLOOR) -> dict:  # the least spam recall of a champion
-    "Set challenger; move champion here if it beats the champion's MCC on `test` and clears the recall floor."
+            challenger: dict,  # the challenger's metrics on the corpus test split (mcc, recall)
+            test: pd.DataFrame,  # the corpus test split the champion is scored on (clean_text, y)
+            recall_floor: float | None = None,  # the least spam recall of a champion (default: TrainSettings')
+            recent: pd.DataFrame | None = None,  # the recent test split (clean_text, y)
+            challenger_recent: dict | None = None,  # the challenger's metrics on it
+            cfg: TrainSettings | None = None) -> dict:  # mcc_margin, recent_min_rows (default: the environment's)
+    "Set challenger; move champion here if it passes the gate (corpus split, then recent split); the gate's scores."
+    cfg = cfg or get_settings(TrainSettings)
     client.set_registered_model_alias(name, "challenger", version)
     champ = registry.alias_version(client, name)
+    n_recent = 0 if recent is None else len(recent)
+    used = challenger_recent is not None and n_recent >= cfg.recent_min_rows and recent.y.nunique() == 2
     g = {"challenger_version": version, "challenger_mcc": challenger["mcc"], "challenger_recall": challenger["recall"],
-         "recall_floor": recall_floor, "champion_version": str(champ.version) if champ else None, "champion_mcc": None}
+         "recall_floor": cfg.recall_floor if recall_floor is None else recall_floor, "mcc_margin": cfg.mcc_margin,
+         "champion_version": str(champ.version) if champ else None, "champion_mcc": None, "recent_rows": n_recent,
+         "recent_min_rows": cfg.recent_min_rows, "recent_used": used, "champion_recent_mcc": None,
+         "challenger_recent_mcc": challenger_recent["mcc"] if used else None}
     if champ is not None:
-        scores = _champion_scores(client, name, champ.version, test.clean_text)
-        g["champion_mcc"] = evaluate(test.y.values, scores)["mcc"]
-    if challenger["recall"] < recall_floor: g["decision"] = "rejected: spam recall below floor"
-    elif champ is not None and challenger["mcc"] <= g["champion_mcc"]:
-        g["decision"] = "rejected: champion MCC not beaten"
-    else:
-        client.set_registered_model_alias(name, "champion", version)
-        g["decision"] = "promoted"
+        texts = pd.concat([test.clean_text, recent.clean_text]) if used else test.clean_text
+        scores = _champion_scores(client, name, champ.version, texts)
+        g["champion_mcc"] = evaluate(test.y.values, scores[:len(test)])["mcc"]
+        if used: g["champion_recent_mcc"] = evaluate(recent.y.values, scores[len(test):])["mcc"]
+    g["decision"] = _decision(g)
+    if g["decision"] == "promoted":
+        registry.set_champion(client, name, version, f"gate: corpus MCC {g['challenger_mcc']:.3f}"
+                              + (f", recent MCC {g['challenger_recent_mcc']:.3f}" if used else ""))
     return g
 
 # %% ../nbs/04b_train.ipynb #922de5ad
@@ -324,12 +342,16 @@ class TrainReport:
     gate: dict
     seconds: float
     history: list = field(default_factory=list)
+    lineage: dict = field(default_factory=dict)  # table versions, rows per source, digest (spam_mlops.frame)
 
     def __str__(self):
-        m, b = self.metrics, self.baseline
+        m, b, v = self.metrics, self.baseline, self.lineage.get("versions", {})
+        data = ", ".join(f"{k} v{v[k]}" for k in v if v[k] is not None)
         return (f"train: run {self.run_id}, version {self.version} ({self.gate['decision']}); LSTM accuracy "
                 f"{m['accuracy']:.4f} f1 {m['f1']:.3f} mcc {m['mcc']:.3f} roc_auc {m['roc_auc']:.3f} | baseline "
-                f"accuracy {b['accuracy']:.4f} f1 {b['f1']:.3f} mcc {b['mcc']:.3f}; {self.seconds:.0f} s of training")
+                f"accuracy {b['accuracy']:.4f} f1 {b['f1']:.3f} mcc {b['mcc']:.3f}; {self.seconds:.0f} s of training"
+                + (f"; data: {data}, {self.lineage.get('rows_total')} rows, digest "
+                   f"{self.lineage.get('digest', '')[:12]}" if self.lineage else ""))
 
 
 def git_commit(settings: Settings | None = None) -> str:
@@ -341,80 +363,101 @@ def git_commit(settings: Settings | None = None) -> str:
     return out or "unknown"
 
 # %% ../nbs/04b_train.ipynb #6bcc35c8
-def _log_inputs(settings, lake, c, sample_n, workers, recall_floor, features_source) -> dict[str, pd.DataFrame]:
-    "Log the run's parameters, build, sample and split the training frame, log the split sizes; returns the splits."
+def _log_inputs(settings, lake, c, sample_n, workers, gate: TrainSettings, features_source, as_of):
+    "Log the parameters, build (at as_of), log the lineage of, sample and split the frame; (splits, lineage)."
     import mlflow
     mlflow.log_params({**c, "workers": workers, "sample_n": sample_n or "all", "raw_sha256": raw_sha256(lake),
                        "git_commit": git_commit(settings), "lake": lake.uri, "features_source": features_source,
-                       "split_fractions": list(SPLIT_FRACTIONS), "recall_floor": recall_floor})
-    parts = split_frame(sample_frame(training_frame(settings, lake, source=features_source), sample_n, c["seed"]))
-    mlflow.log_params({f"rows_{k}": len(p) for k, p in parts.items()}
+                       "split_fractions": list(SPLIT_FRACTIONS), "as_of": as_of or "latest", **gate.model_dump()})
+    versions = None if as_of is None else resolve_as_of(as_of, settings, lake)
+    df, lineage = build_frame(settings, lake, features_source, versions, share_max=gate.feedback_share_max)
+    log_lineage(df, lineage, _table(lake, "curated", settings).uri)
+    if (versions or {}).get("digest"):  # a rebuild of a logged frame: is it the same frame?
+        mlflow.set_tag("data.as_of_digest_matches", versions["digest"] == lineage["digest"])
+    parts = split_frame(cap_feedback(sample_frame(df, sample_n, c["seed"]), gate.feedback_share_max))
+    recent = test_splits(parts["test"])[1]
+    mlflow.log_params({f"rows_{k}": len(p) for k, p in parts.items()} | {"rows_recent_test": len(recent)}
                       | {f"spam_{k}": int(p.y.sum()) for k, p in parts.items()})
-    return parts
+    return parts, lineage
 
 # %% ../nbs/04b_train.ipynb #f40c0350
+def _scored(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict | None:
+    "evaluate(), or None when y does not hold both classes."
+    return evaluate(y, p, threshold) if len(np.unique(y)) == 2 else None
+
+
 def _fit_and_score(settings, run_id, c, parts, workers):
-    "Fit (epochs logged live), export, score the LSTM and the baseline on the test split, log metrics and charts."
+    "Fit (epochs logged live), export, score the LSTM and the baseline on the corpus and recent test splits, log."
     import mlflow
     data = prepare_data(parts, c)
     t0 = time.time()
     net, history = fit(c, data, workers, mlflow_run=(run_id, settings.mlflow_tracking_uri), settings=settings)
     seconds = time.time() - t0
     served = export_model(data["vocabulary"], net, c["max_len"])
-    test = parts["test"]
-    p = predict_texts(served, test.clean_text)
-    m = evaluate(test.y.values, p)
-    _, base_scores = train_baseline(parts)
-    b = evaluate(test.y.values, base_scores, threshold=0.0)
+    whole = parts["test"]
+    fb = (whole.source == FEEDBACK_SOURCE).values if "source" in whole else np.zeros(len(whole), bool)
+    y, yr = whole.y.values[~fb], whole.y.values[fb]
+    p, base = predict_texts(served, whole.clean_text), train_baseline(parts)[1]
+    m, b = evaluate(y, p[~fb]), evaluate(y, base[~fb], threshold=0.0)
+    mr, br = _scored(yr, p[fb]), _scored(yr, base[fb], 0.0)
     mlflow.log_metrics({f"test_{k}": v for k, v in m.items()} | {f"baseline_test_{k}": v for k, v in b.items()}
+                       | {f"recent_test_{k}": v for k, v in (mr or {}).items()}
+                       | {f"baseline_recent_test_{k}": v for k, v in (br or {}).items()}
                        | {"train_seconds": seconds, "epochs_run": len(history)})
-    figs = charts(test.y.values, {"lstm": p, "baseline": base_scores}, {"lstm": 0.5, "baseline": 0.0})
+    figs = charts(y, {"lstm": p[~fb], "baseline": base[~fb]}, {"lstm": 0.5, "baseline": 0.0})
     for name, fig in figs.items(): mlflow.log_figure(fig, f"plots/{name}.html")
-    return served, data["vocabulary"], m, b, seconds, history
+    return served, data["vocabulary"], m | ({"recent": mr} if mr else {}), b, seconds, history
 
 # %% ../nbs/04b_train.ipynb #e5be0e5f
-def _register_and_gate(settings, run_id, served, vocabulary, c, parts, m, recall_floor) -> tuple[str, dict]:
-    "Log and register the served model, log its drift baseline, gate it; returns (version, gate)."
+def _register_and_gate(settings, run_id, served, vocabulary, c, parts, m, gate: TrainSettings, lineage: dict):
+    "Log, register and tag (data.*) the served model, log its drift baseline, gate it; returns (version, gate)."
     import mlflow
-    test = parts["test"]
+    test, recent = test_splits(parts["test"])
     example = test.clean_text.head(3).astype(str).tolist()
     uri = log_served_model(served, vocabulary, c["max_len"], example)
     mlflow.set_tag("keras_model_uri", log_keras_flavour(served, example))
     version = str(mlflow.register_model(uri, settings.model_name).version)
+    client = registry.client(settings.mlflow_tracking_uri)
+    for k, v in lineage_tags(lineage).items(): client.set_model_version_tag(settings.model_name, version, k, v)
     # the drift stage's reference: training-split features, validation text and predictions of this model
     log_baseline(profile_from_parts(parts, vocabulary, lambda t: predict_texts(served, t),
                                     model={"name": settings.model_name, "version": version, "run_id": run_id}))
-    g = promote(registry.client(settings.mlflow_tracking_uri), settings.model_name, version, m, test, recall_floor)
+    g = promote(client, settings.model_name, version, m, test, recent=recent, challenger_recent=m.get("recent"),
+                cfg=gate)
     mlflow.set_tags({"gate.decision": g["decision"], "gate.champion_version": str(g["champion_version"]),
                      "registered_version": version, "drift.baseline": BASELINE_ARTIFACT})
-    scores = {"gate_challenger_mcc": g["challenger_mcc"], "gate_champion_mcc": g["champion_mcc"]}
-    mlflow.log_metrics({k: v for k, v in scores.items() if v is not None})
+    mlflow.log_metrics({f"gate_{k}": float(g[k]) for k in ("challenger_mcc", "champion_mcc", "challenger_recent_mcc",
+                                                           "champion_recent_mcc", "recent_rows") if g[k] is not None})
     mlflow.log_dict(g, "gate.json")
     return version, g
 
 # %% ../nbs/04b_train.ipynb #22622c3e
-def _run_body(settings, lake, c, sample_n, workers, recall_floor, features_source) -> TrainReport:
+def _run_body(settings, lake, c, sample_n, workers, gate, features_source, as_of) -> TrainReport:
     import mlflow
     run_id = mlflow.active_run().info.run_id
-    parts = _log_inputs(settings, lake, c, sample_n, workers, recall_floor, features_source)
+    parts, lineage = _log_inputs(settings, lake, c, sample_n, workers, gate, features_source, as_of)
     served, vocabulary, m, b, seconds, history = _fit_and_score(settings, run_id, c, parts, workers)
-    version, g = _register_and_gate(settings, run_id, served, vocabulary, c, parts, m, recall_floor)
-    return TrainReport(run_id, version, m, b, g, seconds, history)
+    version, g = _register_and_gate(settings, run_id, served, vocabulary, c, parts, m, gate, lineage)
+    return TrainReport(run_id, version, m, b, g, seconds, history, lineage)
 
 
 def train(settings: Settings | None = None,  # lake, tracking server, model name (default: get_settings())
           config: dict | None = None,  # overrides of DEFAULT_CONFIG
-          sample_n: int | None = None,  # train on a stratified sample of this many messages (None: all)
+          sample_n: int | None = None,  # train on a stratified sample of this many corpus messages (None: all)
           workers: int = 1,  # Ray Train workers (0: fit in-process, without Ray)
-          recall_floor: float = RECALL_FLOOR,  # the gate's least spam recall
+          recall_floor: float | None = None,  # the gate's least spam recall (default: TrainSettings.recall_floor)
           lake: Lake | None = None,  # the lake (default: the settings')
           run_name: str | None = None,  # the MLflow run's name (default: lstm-<time>)
           tags: dict | None = None,  # the run's tags
-          features_source: str = "feast") -> TrainReport:  # "feast" (needs `spam-mlops feast-apply`) or "lake"
+          features_source: str = "feast",  # "feast" (needs `spam-mlops feast-apply`) or "lake"
+          as_of: str | None = None,  # rebuild a past frame: a curated version, run:<run_id> or model:<version>
+          gate: TrainSettings | None = None) -> TrainReport:  # the gate and the feedback cap (default: environment)
     "Train, evaluate beside the baseline, log everything to MLflow, register and gate. Known failures: TrainError."
     import mlflow
     settings = settings or get_settings()
     lake = lake or Lake.from_settings(settings)
+    gate = gate or get_settings(TrainSettings)
+    if recall_floor is not None: gate = gate.model_copy(update={"recall_floor": recall_floor})
     c = DEFAULT_CONFIG | (config or {})
     if unknown := set(c) - set(DEFAULT_CONFIG) - {"features"}:
         raise TrainError(f"unknown config keys: {sorted(unknown)}")
@@ -426,7 +469,7 @@ def train(settings: Settings | None = None,  # lake, tracking server, model name
     exp = registry.ensure_experiment(client, settings.experiment)
     name = run_name or f"lstm-{time.strftime('%Y%m%dT%H%M%S')}"
     with registry.using(uri), mlflow.start_run(experiment_id=exp, run_name=name, tags=tags) as run:
-        try: return _run_body(settings, lake, c, sample_n, workers, recall_floor, features_source)
+        try: return _run_body(settings, lake, c, sample_n, workers, gate, features_source, as_of)
         except Exception as e:
             mlflow.set_tag("error", f"{type(e).__name__}: {str(e)[:400]}")
             client.set_terminated(run.info.run_id, "FAILED")
