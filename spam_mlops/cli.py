@@ -35,8 +35,8 @@ from .lake import Lake
 
 # %% auto #0
 __all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'lake_app', 'command', 'quiet_console', 'import_tensorflow', 'ingest', 'curate',
-           'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'tune', 'serve', 'drift', 'backup',
-           'restore', 'run', 'main', 'lake_command', 'history', 'compact', 'vacuum', 'upgrade']
+           'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'rollback', 'tune', 'serve', 'drift',
+           'backup', 'restore', 'run', 'main', 'lake_command', 'history', 'compact', 'vacuum', 'upgrade']
 
 # %% ../nbs/10_cli.ipynb #e06fc9e6
 app = typer.Typer(help="spam_mlops: a literate MLOps system for SMS spam detection.", no_args_is_help=True,
@@ -164,12 +164,27 @@ def train(epochs: Annotated[int | None, typer.Option(help="Maximum epochs (early
           seed: Annotated[int, typer.Option(help="Random seed")] = 42,
           features_source: Annotated[FeaturesSource, typer.Option(help="feast: Feast historical retrieval; "
                                                                   "lake: join the lake's tables")]
-          = FeaturesSource.feast):
-    "Train the LSTM (Ray Train), log the run to MLflow beside the baseline, register it and gate the champion."
+          = FeaturesSource.feast,
+          as_of: Annotated[str | None, typer.Option("--as-of", help="Rebuild a past training frame: a curated table "
+                                                    "version (3), run:<run_id> or model:<version>")] = None):
+    """Train the LSTM (Ray Train) on the curated corpus plus labelled feedback, log the run and its data lineage to
+    MLflow beside the baseline, register it and gate the champion (the refusal reason is printed)."""
     import_tensorflow()
     from spam_mlops.train import train as run
     config = {"seed": seed} | ({"epochs": epochs} if epochs else {})
-    print(run(get_settings(), config, sample_n=sample, workers=workers, features_source=features_source.value))
+    print(run(get_settings(), config, sample_n=sample, workers=workers, features_source=features_source.value,
+              as_of=as_of))
+
+# %% ../nbs/10_cli.ipynb #018d94fd
+@command()
+def rollback(reason: Annotated[str, typer.Option(help="Why: kept in the champion history")] = "rollback"):
+    """Move the `champion` alias back to the previous champion (the alias history is the registered model's tag
+    champion.history); the API picks the old version up on its next model check."""
+    from spam_mlops import registry
+    s = get_settings()
+    registry.check_health(s.mlflow_tracking_uri)
+    r = registry.rollback(registry.client(s.mlflow_tracking_uri), s.model_name, reason)
+    print(f"rollback: {s.model_name} champion {r['from']} → {r['to']} ({r['reason']}, {r['at']})")
 
 # %% ../nbs/10_cli.ipynb #c5e1a7f9
 @command()
