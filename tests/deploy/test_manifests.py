@@ -601,7 +601,8 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
               ("prometheus", "pushgateway", 9091), ("prometheus", "spam-train-head", 8080),
               ("prometheus", "minio", 9000),
               ("grafana", "prometheus", 9090), ("minio-bucket-init", "minio", 9000), ("spam-api", "dns", 53),
-              ("spam-backup", "postgres", 5432), ("spam-backup", "minio", 9000)]
+              ("spam-backup", "postgres", 5432), ("spam-backup", "minio", 9000),
+              ("spam-lake-maintenance", "minio", 9000), ("spam-lake-maintenance", "mlflow", 5000)]
     refused = [("spam-api", "postgres", 5432), ("spam-api", "redis", 6379), ("spam-api", "internet", 443),
                ("grafana", "mlflow", 5000), ("grafana", "minio", 9000), ("spam-pipeline", "postgres", 5432),
                ("spam-drift", "redis", 6379), ("mlflow", "redis", 6379), ("ingress", "mlflow", 5000),
