@@ -1,11 +1,12 @@
 """The HTTP API over a `Service`: validation, the request and response models, two ASGI middlewares, the FastAPI app.
 
 `build_app(service, predict_one)` builds the FastAPI app of the API: `POST /api/predict`, `POST /api/predict/batch`,
-`GET /healthz`, `GET /readyz` and the OpenAPI docs. `predict_one` is how one text reaches the model: in Ray Serve
-(`spam_mlops.serve`) it is the `@serve.batch` method, which gathers concurrent requests into one model call; here
-it defaults to a direct call. Validation happens before the model: errors are 4xx JSON bodies naming the field.
-Two ASGI middlewares wrap the app: the outer one gives every request its id, its metrics and its audit line; the
-inner one answers valid `POST /api/predict` calls without FastAPI's per-request machinery.
+`POST /api/feedback`, `GET /healthz`, `GET /readyz` and the OpenAPI docs. `predict_one(text, request_id, key_id)`
+is how one text reaches the model: in Ray Serve (`spam_mlops.serve`) it is the `@serve.batch` method, which
+gathers concurrent requests into one model call; here it defaults to a direct call. Validation happens before the
+model: errors are 4xx JSON bodies naming the field. Two ASGI middlewares wrap the app: the outer one gives every
+request its id, its metrics and its audit line, and refuses bodies over the cap (413); the inner one answers valid
+`POST /api/predict` calls without FastAPI's per-request machinery.
 
 Docs: https://spam-mlops.github.io/spam_mlops/api.html.md"""
 
@@ -16,20 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
+import math
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request  # module level: FastAPI resolves route annotations in the module
 
 from .service import Service, key_ids
 
 # %% auto #0
-__all__ = ['MAX_TEXT_CHARS', 'MAX_BATCH_TEXTS', 'API_KEY_HEADER', 'Text', 'PredictRequest', 'BatchRequest', 'Prediction',
-           'BatchResponse', 'ErrorResponse', 'build_app']
+__all__ = ['MAX_TEXT_CHARS', 'MAX_BATCH_TEXTS', 'API_KEY_HEADER', 'Text', 'MAX_FEEDBACK_ITEMS', 'PredictionId', 'PredictRequest',
+           'BatchRequest', 'Prediction', 'BatchResponse', 'ErrorResponse', 'FeedbackItem', 'FeedbackRequest',
+           'FeedbackResponse', 'TokenBucket', 'build_app']
 
 # %% ../nbs/06c_api.ipynb #63959420
 MAX_TEXT_CHARS = 5_000  # longest accepted message
@@ -66,7 +72,8 @@ class Prediction(BaseModel):
     prediction: Literal["spam", "ham"]
     spam_probability: float = Field(ge=0, le=1)
     model_version: str
-    request_id: str
+    request_id: str  # the call's id (shared by the answers of one batch call)
+    prediction_id: str  # this answer's own id: what POST /api/feedback labels
 
 
 class BatchResponse(BaseModel):
@@ -78,6 +85,49 @@ class ErrorResponse(BaseModel):
     "A refused request: `error` names the field and the problem."
     error: str
     detail: list | None = None
+
+# %% ../nbs/06c_api.ipynb #b1c2d3e4
+MAX_FEEDBACK_ITEMS = 1_000  # most labels in one /api/feedback call
+PredictionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:._-]+$",
+                                    description="the `prediction_id` of an answer of /api/predict(/batch)")]
+
+
+class FeedbackItem(BaseModel):
+    "One label for one answered prediction."
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: PredictionId
+    label: Literal["ham", "spam"]
+
+
+class FeedbackRequest(BaseModel):
+    "One label (`prediction_id` and `label`), or up to 1,000 of them under `items`; not both."
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prediction_id": "0f8e4b1c9a7d4e2f8b6a5c3d2e1f0a9b", "label": "spam"},
+        {"items": [{"prediction_id": "0f8e4b1c9a7d4e2f8b6a5c3d2e1f0a9b", "label": "ham"}]}]})
+    prediction_id: PredictionId | None = None
+    label: Literal["ham", "spam"] | None = None
+    items: list[FeedbackItem] | None = Field(None, min_length=1, max_length=MAX_FEEDBACK_ITEMS,
+                                             description=f"1–{MAX_FEEDBACK_ITEMS} labels")
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        if self.items is not None and (self.prediction_id is not None or self.label is not None):
+            raise ValueError("send prediction_id and label, or items, not both")
+        missing = [f for f in ("prediction_id", "label") if getattr(self, f) is None]
+        if self.items is None and missing: raise ValueError(f"{' and '.join(missing)}: field required (or send items)")
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        "(prediction_id, label) of every label sent, in order."
+        if self.items is None: return [(self.prediction_id, self.label)]
+        return [(i.prediction_id, i.label) for i in self.items]
+
+
+class FeedbackResponse(BaseModel):
+    "What was queued: labels accepted (one per prediction id), ids sent more than once, ids sent with two labels."
+    accepted: int
+    duplicates: int
+    conflicts: int
 
 # %% ../nbs/06c_api.ipynb #001d7aa9
 def _error_message(errors: list[dict]) -> str:
@@ -96,16 +146,20 @@ def _error_message(errors: list[dict]) -> str:
 class _AccessMiddleware:
     "ASGI middleware, outermost: the request id, then — once answered — the metrics and the audit line of a request."
 
-    def __init__(self, app, service: Service, echo_request_id: bool = True):
+    def __init__(self, app, service: Service, echo_request_id: bool = True, max_body: int | None = None):
         self.app, self.service, self.echo = app, service, echo_request_id
+        self.max_body = max_body or service.config.max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
         start, t0, status = time.perf_counter(), time.time(), [500]
-        rid = key = None
+        rid = key = length = None
+        chunked = False
         for k, v in scope["headers"]:
             if k == b"x-request-id": rid = v.decode("latin-1")[:128]
             elif k == b"x-api-key": key = v
+            elif k == b"content-length": length = v
+            elif k == b"transfer-encoding": chunked = b"chunked" in v.lower()
         rid = rid or uuid.uuid4().hex
         ctx = scope["spam_mlops"] = {"request_id": rid}  # filled in by the routes: model_version, text
         echo = self.echo
@@ -115,7 +169,11 @@ class _AccessMiddleware:
                 status[0] = msg["status"]
                 if echo: msg = {**msg, "headers": [*msg.get("headers", ()), (b"x-request-id", rid.encode("latin-1"))]}
             await send(msg)
-        try: await self.app(scope, receive, _send)
+        try:
+            if length and length.isdigit() and int(length) > self.max_body: await _too_large(_send, self.max_body)
+            elif chunked and (receive := await _capped(receive, self.max_body)) is None:
+                await _too_large(_send, self.max_body)
+            else: await self.app(scope, receive, _send)
         finally:
             seconds, path = time.perf_counter() - start, scope.get("path", "")
             self.service.metrics.request(path, status[0], seconds)
@@ -135,26 +193,48 @@ def _replay(body: bytes, then: dict | None = None):
         await asyncio.Event().wait()
     return receive
 
+# %% ../nbs/06c_api.ipynb #b1c2d3e7
+async def _capped(receive, limit: int):
+    "The request body read up to `limit` bytes, as an ASGI receive that replays it; None when it is larger."
+    chunks, size, more = [], 0, True
+    while more:
+        msg = await receive()
+        if msg["type"] != "http.request": return _replay(b"".join(chunks), msg)
+        chunks.append(msg.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit: return None
+        more = msg.get("more_body", False)
+    return _replay(b"".join(chunks))
+
+
+async def _too_large(send, limit: int):
+    body = json.dumps({"error": f"body: larger than {limit} bytes (the request body cap)"}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
 # %% ../nbs/06c_api.ipynb #0a094b1b
 class _FastPredict:
     "ASGI middleware: answer a valid, authorised `POST /api/predict` without FastAPI; anything else goes to the app."
 
-    def __init__(self, app, service: Service, predict_one: Callable[[str, str], Awaitable[dict]]):
+    def __init__(self, app, service: Service, predict_one: Callable[[str, str, str | None], Awaitable[dict]]):
         self.app, self.service, self.predict_one = app, service, predict_one
-        self.keys = list(key_ids(service.config.api_keys))
+        self.ids = key_ids(service.config.api_keys)
 
-    def _fast(self, scope) -> bool:
+    def _fast(self, scope):
+        "The caller's key id (None when the server has no keys) if the fast path answers, else False."
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/api/predict": return False
         if not self.service.ready: return False
         h = dict(scope["headers"])
         if not h.get(b"content-type", b"").startswith(b"application/json"): return False
-        if self.keys:
+        if self.ids:
             key = h.get(API_KEY_HEADER.lower().encode())
-            return bool(key) and any(hmac.compare_digest(key, k) for k in self.keys)
-        return True
+            return next((i for k, i in self.ids.items() if hmac.compare_digest(key, k)), False) if key else False
+        return None
 
     async def __call__(self, scope, receive, send):
-        if not self._fast(scope): return await self.app(scope, receive, send)
+        if (kid := self._fast(scope)) is False: return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
             msg = await receive()
@@ -165,7 +245,7 @@ class _FastPredict:
         try: text = PredictRequest.model_validate_json(body).text
         except ValueError: return await self.app(scope, _replay(body), send)  # FastAPI names the problem
         ctx = scope.get("spam_mlops") or {}
-        answer = await self.predict_one(text, ctx.get("request_id") or uuid.uuid4().hex)
+        answer = await self.predict_one(text, ctx.get("request_id") or uuid.uuid4().hex, kid)
         ctx["model_version"], ctx["text"] = answer["model_version"], text
         out = json.dumps(answer).encode()
         await send({"type": "http.response.start", "status": 200,
@@ -173,19 +253,24 @@ class _FastPredict:
         await send({"type": "http.response.body", "body": out})
 
 # %% ../nbs/06c_api.ipynb #954f0657
-def _guard(service: Service):
-    "The FastAPI dependency of the `/api` routes: a valid API key (when keys are set), then a loaded model."
+def _guard(service: Service, ready: bool = True):
+    "The FastAPI dependency of the `/api` routes: a valid API key (when keys are set), then (`ready`) a loaded model."
     from fastapi import Depends, HTTPException
     from fastapi.security import APIKeyHeader
-    keys = list(key_ids(service.config.api_keys))
+    ids = key_ids(service.config.api_keys)
     header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                           description="API key, when the server has SPAM_MLOPS_SERVE_API_KEYS")
 
-    async def guard(key: str | None = Depends(header)):  # async: a sync dependency costs a thread hop per request
-        if keys and not (key and any(hmac.compare_digest(key.encode("utf-8", "replace"), k) for k in keys)):
-            raise HTTPException(401, f"missing or invalid API key (header {API_KEY_HEADER})",
-                                headers={"WWW-Authenticate": "ApiKey"})
-        _ready(service)
+    async def guard(key: str | None = Depends(header)) -> str | None:  # async: no thread hop per request
+        "The caller's key id (None when the server has no keys)."
+        kid = None
+        if ids:
+            given = key.encode("utf-8", "replace") if key else b""
+            kid = next((i for k, i in ids.items() if given and hmac.compare_digest(given, k)), None)
+            if kid is None: raise HTTPException(401, f"missing or invalid API key (header {API_KEY_HEADER})",
+                                                headers={"WWW-Authenticate": "ApiKey"})
+        if ready: _ready(service)
+        return kid
     return guard
 
 
@@ -214,6 +299,7 @@ def _error_handlers(app):
 # %% ../nbs/06c_api.ipynb #ed945682
 _ERRORS = {400: {"model": ErrorResponse, "description": "body is not UTF-8 encoded JSON"},
            401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+           413: {"model": ErrorResponse, "description": "body larger than the cap (SPAM_MLOPS_SERVE_MAX_BODY_BYTES)"},
            422: {"model": ErrorResponse, "description": "invalid input, the message names the field"},
            503: {"model": ErrorResponse, "description": "model not loaded (yet): the reason"}}
 
@@ -222,40 +308,118 @@ def _predict_routes(app, service: Service, predict_one: Callable[[str, str], Awa
     "`POST /api/predict` and `POST /api/predict/batch`; their answers' schema documented, not re-validated (hot path)."
     from fastapi import Depends
     from fastapi.responses import JSONResponse
-    guarded = dict(response_model=None, dependencies=[Depends(_guard(service))])
+    guard = _guard(service)
 
-    @app.post("/api/predict", responses={200: {"model": Prediction}, **_ERRORS}, **guarded)
-    async def predict(req: PredictRequest, request: Request):
-        "Classify one message."
+    @app.post("/api/predict", responses={200: {"model": Prediction}, **_ERRORS}, response_model=None)
+    async def predict(req: PredictRequest, request: Request, kid: str | None = Depends(guard)):
+        "Classify one message; the answer's `prediction_id` is what `POST /api/feedback` labels."
         ctx = request.scope.get("spam_mlops") or {}
-        answer = await predict_one(req.text, ctx.get("request_id") or uuid.uuid4().hex)
+        answer = await predict_one(req.text, ctx.get("request_id") or uuid.uuid4().hex, kid)
         ctx["model_version"], ctx["text"] = answer["model_version"], req.text
         return JSONResponse(answer)
 
-    @app.post("/api/predict/batch", responses={200: {"model": BatchResponse}, **_ERRORS}, **guarded)
-    async def predict_many(req: BatchRequest, request: Request):
-        "Classify up to 1,000 messages (MAX_BATCH_TEXTS) in one call; answers in order, sharing the call's request id."
+    @app.post("/api/predict/batch", responses={200: {"model": BatchResponse}, **_ERRORS}, response_model=None)
+    async def predict_many(req: BatchRequest, request: Request, kid: str | None = Depends(guard)):
+        "Classify up to 1,000 messages in one call; answers in order, one request id, a prediction id each."
         ctx = request.scope.get("spam_mlops") or {}
         rid, n = ctx.get("request_id") or uuid.uuid4().hex, service.config.max_batch_size
         out = []
         for c in (req.texts[i:i + n] for i in range(0, len(req.texts), n)):
-            out += await asyncio.to_thread(service.predict, c, [rid] * len(c))
+            out += await asyncio.to_thread(service.predict, c, [rid] * len(c), [kid] * len(c))
         ctx["model_version"], ctx["text"] = out[-1]["model_version"], req.texts
         return JSONResponse({"predictions": out})
 
+
+def _feedback_routes(app, service: Service):
+    "`POST /api/feedback`: labels of answered predictions, from a valid API key only; 202 once queued."
+    from fastapi import Depends
+    from fastapi.responses import JSONResponse
+    limiter = TokenBucket(service.config.feedback_rate_per_s, service.config.feedback_burst)
+    errors = {**{k: v for k, v in _ERRORS.items() if k != 503},
+              403: {"model": ErrorResponse, "description": "feedback is off: the server has no API keys"},
+              429: {"model": ErrorResponse, "description": "the key's feedback rate limit: see Retry-After"},
+              503: {"model": ErrorResponse, "description": "feedback buffer full: see Retry-After"}}
+
+    @app.post("/api/feedback", status_code=202, responses={202: {"model": FeedbackResponse}, **errors},
+              response_model=None)
+    async def feedback(req: FeedbackRequest, kid: str | None = Depends(_guard(service, ready=False))):
+        "Label answered predictions: `{prediction_id, label}`, or up to 1,000 of them as `{items: [...]}`."
+        return JSONResponse(_take_feedback(service, limiter, req.pairs(), kid), status_code=202)
+
+# %% ../nbs/06c_api.ipynb #b1c2d3ea
+class TokenBucket:
+    "Token buckets by key: `rate` tokens a second up to `burst`; `take(key, n)`: 0 when granted, else the wait (s)."
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict = {}  # key -> (tokens, time of the last take)
+        self._lock = threading.Lock()
+
+    def take(self, key, n: int = 1) -> float:
+        "Take `n` tokens from `key`'s bucket: 0.0 when granted, else the wait until they are there (inf: never)."
+        if n > self.burst: return math.inf
+        now = self.clock()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            granted = tokens >= n
+            self._buckets[key] = (tokens - n if granted else tokens, now)
+        return 0.0 if granted else (n - tokens) / self.rate
+
+
+def _take_feedback(service: Service, limiter: TokenBucket, pairs: list[tuple[str, str]], kid: str | None) -> dict:
+    "Queue one request's labels from key `kid`: the counts; HTTPException 403 (off), 429 (rate) or 503 (full)."
+    from fastapi import HTTPException
+    m, cfg = service.metrics, service.config
+    if service.feedback.table is None:
+        why = "the server has no API keys (SPAM_MLOPS_SERVE_API_KEYS)" if not cfg.api_keys else "no lake"
+        raise HTTPException(403, f"feedback is off: {why}")
+    if wait := limiter.take(kid, len(pairs)):
+        m.feedback("rate_limited", len(pairs))
+        if wait == math.inf: raise HTTPException(429, f"{len(pairs)} labels exceed the burst of a key "
+                                                      f"({cfg.feedback_burst}); send fewer per request")
+        raise HTTPException(429, f"feedback rate limit of key {kid}: {cfg.feedback_rate_per_s:g} labels/s, bursts of "
+                                 f"{cfg.feedback_burst}; retry in {math.ceil(wait)} s",
+                            headers={"Retry-After": str(math.ceil(wait))})
+    labels: dict[str, set] = {}
+    for pid, lab in pairs: labels.setdefault(pid, set()).add(lab)
+    now = datetime.now(UTC)
+    rows = [(pid, lab, kid, now) for pid, lab in dict(pairs).items()]  # the last label of an id wins
+    if service.feedback.append(rows, whole=True) < len(rows):
+        m.feedback("refused", len(rows))
+        raise HTTPException(503, "feedback buffer full (the lake is slow or down): nothing queued, retry later",
+                            headers={"Retry-After": str(math.ceil(cfg.feedback_flush_s))})
+    out = {"accepted": len(rows), "duplicates": len(pairs) - len(rows),
+           "conflicts": sum(len(s) > 1 for s in labels.values())}
+    for outcome, k in (("accepted", "accepted"), ("duplicate", "duplicates"), ("conflicting", "conflicts")):
+        m.feedback(outcome, out[k])
+    return out
+
 # %% ../nbs/06c_api.ipynb #f515ae42
+def _with_key(predict_one: Callable) -> Callable[[str, str, str | None], Awaitable[dict]]:
+    "`predict_one` as (text, request id, key id); one of two arguments is called without the key id."
+    try: n = len(inspect.signature(predict_one).parameters)
+    except (TypeError, ValueError): n = 3
+    if n >= 3: return predict_one
+
+    async def two(text: str, request_id: str, key_id: str | None) -> dict: return await predict_one(text, request_id)
+    return two
+
+
 def build_app(service: Service,  # the API's state: model, logs, metrics
-              predict_one: Callable[[str, str], Awaitable[dict]] | None = None,  # (text, request id) -> answer
+              predict_one: Callable[..., Awaitable[dict]] | None = None,  # (text, request id, key id) -> answer
               echo_request_id: bool = True):  # return X-Request-ID ourselves (Ray's proxy does it in Ray Serve)
-    "The FastAPI app of the API over `service`; `predict_one(text, request_id)` answers one text (default: directly)."
+    "The FastAPI app of the API over `service`; `predict_one(text, request_id, key_id)` answers one text."
     from fastapi import FastAPI
 
-    async def _direct(text: str, request_id: str) -> dict: return service.predict([text], [request_id])[0]
-    predict_one = predict_one or _direct
+    async def _direct(text: str, request_id: str, key_id: str | None = None) -> dict:
+        return service.predict([text], [request_id], [key_id])[0]
+    predict_one = _with_key(predict_one) if predict_one else _direct
     app = FastAPI(title="spam_mlops API", version="1",
                   description="SMS spam detection over the registered champion model.")
     _error_handlers(app)
     _predict_routes(app, service, predict_one)
+    _feedback_routes(app, service)
 
     @app.get("/healthz")
     async def healthz():

@@ -1,10 +1,13 @@
 """The API's logs: predictions and labelled feedback (one schema, the writer, the readers drift uses) and the audit.
 
-What the API saw and answered is the input of drift detection. The API (`spam_mlops.service`) appends every
-answer to the lake's `predictions/` through a `PredictionLog`; labels arrive in `feedback/` (from a labelling
-tool or `write_feedback`); the drift stage reads both with `read_predictions` and `read_feedback`. The schema
-of both tables is defined here once, so the writer and the readers cannot disagree. The audit log, one JSON line
-per HTTP request, shares the prediction log's background writer.
+What the API saw and answered is the input of drift detection and, once labelled, of training. The API
+(`spam_mlops.service`) appends every answer to the lake table `predictions` (a Delta table of
+`spam_mlops.tables`, partitioned by day) through a `PredictionLog`, one commit every few seconds; labels arrive in
+the table `feedback` from `POST /api/feedback` (a `FeedbackLog` beside it), from `spam-mlops feedback FILE`
+(`import_feedback`) or from `write_feedback`. `labelled_feedback` joins the two into training rows (the text from
+the prediction log, the label from feedback) and quarantines what cannot be joined; the drift stage reads both
+with `read_predictions` and `read_feedback`. The schemas are defined here once, so the writers and the readers
+cannot disagree. The audit log, one JSON line per HTTP request, shares the logs' background writer.
 
 Docs: https://spam-mlops.github.io/spam_mlops/predlog.html.md"""
 
@@ -13,12 +16,11 @@ Docs: https://spam-mlops.github.io/spam_mlops/predlog.html.md"""
 # %% ../nbs/06a_predlog.ipynb #8bf9abcb
 from __future__ import annotations
 
+import csv
 import hashlib
-import io
 import json
 import logging
 import queue
-import re
 import sys
 import threading
 import time
@@ -28,45 +30,60 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import SpamMlopsError
+from .config import SpamMlopsError, get_settings
 from .features import FEATURE_TYPES, compute_features
 from .ingest import message_id
 from .lake import Lake
+from .tables import Table, TableError
 
 # %% auto #0
-__all__ = ['log', 'PREDICTIONS', 'FEEDBACK', 'LOG_COLUMNS', 'REQUIRED', 'LABELS', 'AUDIT_LOGGER', 'FeedbackError',
-           'prediction_table', 'BackgroundFlush', 'PredictionLog', 'read_predictions', 'write_feedback',
-           'read_feedback', 'key_fingerprint', 'AuditLog']
+__all__ = ['log', 'PREDICTIONS', 'FEEDBACK', 'LOG_COLUMNS', 'TABLE_COLUMNS', 'REQUIRED', 'LABELS', 'FEEDBACK_COLUMNS', 'SOURCES',
+           'AUDIT_LOGGER', 'LABELLED_COLUMNS', 'FeedbackError', 'prediction_table', 'BackgroundFlush', 'TableLog',
+           'PredictionLog', 'write_predictions', 'read_predictions', 'feedback_frame', 'FeedbackLog', 'write_feedback',
+           'import_feedback', 'labelled_feedback', 'read_feedback', 'key_fingerprint', 'AuditLog']
 
 # %% ../nbs/06a_predlog.ipynb #114e7a9c
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions"  # lake prefix of the prediction log: predictions/dt=YYYY-MM-DD/<HHMMSS>-<uuid>.parquet
-FEEDBACK = "feedback"  # lake prefix of labelled feedback: csv or parquet files with message_id,label
+PREDICTIONS = "predictions"  # the prediction log: lake table tables/predictions, partitioned by dt (YYYY-MM-DD)
+FEEDBACK = "feedback"  # labelled feedback: lake table tables/feedback
 LOG_COLUMNS = ["timestamp", "request_id", "message_id", "text", "text_sha256", *FEATURE_TYPES,
                "spam_probability", "prediction", "model_version"]
+TABLE_COLUMNS = [*LOG_COLUMNS, "prediction_id", "api_key_id", "dt"]  # the predictions table
 REQUIRED = ["timestamp", "message_id", *FEATURE_TYPES, "spam_probability", "prediction"]  # what drift reads
 LABELS = ("ham", "spam")
+FEEDBACK_COLUMNS = ["prediction_id", "message_id", "text", "label", "api_key_id", "received_at", "source"]
+SOURCES = ("api", "import", "upgrade")  # where a feedback row came from
 AUDIT_LOGGER = "spam_mlops.audit"  # where audit lines go when no audit file is set
 
 
 class FeedbackError(SpamMlopsError, ValueError):
-    "Feedback that cannot be written (a label other than ham or spam)."
+    "Feedback that cannot be written: a label other than ham or spam, a file that cannot be read."
+
+
+def _table(lake: Lake, name: str) -> Table:
+    "The lake's table `name`, with the storage options of that lake (not of SPAM_MLOPS_LAKE)."
+    return Table(lake, name, get_settings(lake=lake.uri))
 
 # %% ../nbs/06a_predlog.ipynb #729780b2
+_ROW = ["timestamp", "request_id", "text", "spam_probability", "prediction", "model_version", "prediction_id",
+        "api_key_id"]
+
+
 def prediction_table(rows: list[tuple], log_text: bool = True) -> pd.DataFrame:
-    "The prediction log table of rows (timestamp, request_id, text, probability, prediction, model_version)."
-    cols = ["timestamp", "request_id", "text", "spam_probability", "prediction", "model_version"]
-    df = pd.DataFrame(rows, columns=cols)
+    """The prediction log table of rows (timestamp, request_id, text, probability, prediction, model_version
+    [, prediction_id, api_key_id]); a row without a prediction id gets a new one."""
+    df = pd.DataFrame([r if len(r) == 8 else (*r, uuid.uuid4().hex, None) for r in rows], columns=_ROW)
     df["timestamp"] = pd.to_datetime(df.timestamp, utc=True).astype("datetime64[us, UTC]")
     feats = compute_features(df.text.astype(object)).reset_index(drop=True)
     df["message_id"] = df.text.map(message_id)
     df["text_sha256"] = df.text.map(lambda t: hashlib.sha256(t.encode("utf-8")).hexdigest())
     if not log_text: df["text"] = None
-    df["text"] = df.text.astype(object)
+    for c in ("text", "api_key_id"): df[c] = df[c].astype("string")  # typed even when all null
+    df["dt"] = df.timestamp.dt.strftime("%Y-%m-%d")
     out = pd.concat([df.reset_index(drop=True), feats], axis=1)
     out["spam_probability"] = out.spam_probability.astype("float64")
-    return out[LOG_COLUMNS]
+    return out[TABLE_COLUMNS]
 
 # %% ../nbs/06a_predlog.ipynb #d27621fb
 class BackgroundFlush:
@@ -90,90 +107,90 @@ class BackgroundFlush:
         self.flush()
 
 # %% ../nbs/06a_predlog.ipynb #605b15c1
-class PredictionLog(BackgroundFlush):
-    "Buffer prediction rows in memory; a background thread appends them to the lake's `predictions/`."
-    thread_name = "prediction-log"
+class TableLog(BackgroundFlush):
+    "Rows buffered in memory, bounded; a background thread appends them to a lake table, one commit per flush."
+    thread_name, table_name, partition_by, metric = "table-log", "", None, "log_rows"
 
     def __init__(self, lake: Lake | None,  # where rows go; None: the log is off
-                 log_text: bool = True,  # keep the raw text (else only its sha256)
-                 flush_s: float = 5.0,  # seconds between writes
+                 flush_s: float = 5.0,  # seconds between commits
                  max_rows: int = 100_000,  # bound of the pending rows
-                 metrics=None,  # counts rows: anything with `log_rows(outcome, n)`
-                 breaker=None):  # lake writes go through its `call(fn, *args)`: fails fast while its circuit is open
-        self.lake, self.log_text, self.flush_s, self.max_rows = lake, log_text, flush_s, max_rows
-        self.metrics, self.breaker = metrics, breaker
+                 metrics=None,  # counts rows: anything with a method named `metric`, called (outcome, n)
+                 breaker=None):  # table writes go through its `call(fn, *args)`: fails fast while its circuit is open
+        self.lake, self.flush_s, self.max_rows, self.metrics, self.breaker = lake, flush_s, max_rows, metrics, breaker
+        self.table = _table(lake, self.table_name) if lake is not None else None
         self._rows: list[tuple] = []
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
-        self.written, self.dropped = 0, 0
-        self.files: list[str] = []
+        self.written, self.dropped, self.versions = 0, 0, []
 
-    def append(self, rows: list[tuple]):
-        "Queue rows; drop (and count) what exceeds the bound."
-        if self.lake is None: return
+    def count(self, outcome: str, n: int):
+        "Count `n` rows `written` or `dropped` in the metrics."
+        if self.metrics and n: getattr(self.metrics, self.metric)(outcome, n)
+
+    def append(self, rows: list[tuple], whole: bool = False) -> int:
+        "Queue rows; the number queued. Past the bound the rest is dropped and counted, or (`whole`) none is queued."
+        if self.table is None: return 0
         with self._lock:
             room = max(self.max_rows - len(self._rows), 0)
-            self._rows.extend(rows[:room])
-        lost = len(rows) - room if len(rows) > room else 0
-        if lost:
+            take = [] if whole and len(rows) > room else rows[:room]
+            self._rows.extend(take)
+        if (lost := len(rows) - len(take)) and not whole:
             self.dropped += lost
-            if self.metrics: self.metrics.log_rows("dropped", lost)
-            log.warning("prediction log full (%d rows pending): dropped %d rows", self.max_rows, lost)
+            self.count("dropped", lost)
+            log.warning("%s log full (%d rows pending): dropped %d rows", self.table_name, self.max_rows, lost)
+        return len(take)
 
-    def start(self) -> PredictionLog:
-        "Start the background flusher (not without a lake)."
-        return super().start() if self.lake is not None else self
+    def start(self):
+        "Start the background writer (not without a lake)."
+        return super().start() if self.table is not None else self
 
 # %% ../nbs/06a_predlog.ipynb #bb48fd08
-def _flush(self: PredictionLog) -> int:
-    "Write the pending rows as one Parquet file per UTC day; return the rows written. Rows not written are kept."
+def _flush(self: TableLog) -> int:
+    "Append the pending rows to the table in one commit; the rows written. Rows not written are kept for the next try."
     with self._lock: rows, self._rows = self._rows, []
-    if not rows or self.lake is None: return 0
-    written, failed, error = 0, [], None
+    if not rows or self.table is None: return 0
     try:
-        table = prediction_table(rows, self.log_text)
-        for day, part in table.groupby(table.timestamp.dt.strftime("%Y-%m-%d"), sort=True):
-            key = f"{PREDICTIONS}/dt={day}/{part.timestamp.max():%H%M%S}-{uuid.uuid4().hex}.parquet"
-            try:
-                self.files.append(self._write(key, part))
-                written += len(part)
-            except Exception as e:  # keep this day's rows for the next try, within the bound
-                failed, error = failed + [rows[i] for i in part.index], e
-    except Exception as e: failed, error = rows, e  # e.g. a row the table cannot take: kept, logged with its cause
-    if failed:
-        log.error("prediction log write failed (%s: %s); %d rows kept for retry", type(error).__name__, error,
-                  len(failed))
-        self.append(failed)
-    if written:
-        self.written += written
-        if self.metrics: self.metrics.log_rows("written", written)
-    return written
+        df = self.frame(rows)
+        version = self.breaker.call(self._append, df) if self.breaker else self._append(df)
+    except Exception as e:  # any failure (store down, a row the table cannot take): kept, logged with its cause
+        log.error("%s log write failed (%s: %s); %d rows kept for retry", self.table_name, type(e).__name__, e,
+                  len(rows))
+        self.append(rows)
+        return 0
+    self.versions.append(version)
+    self.written += len(rows)
+    self.count("written", len(rows))
+    return len(rows)
 
 
-def _write(self: PredictionLog, key: str, part: pd.DataFrame) -> str:
-    return self.breaker.call(self.lake.write_parquet, key, part) if self.breaker else self.lake.write_parquet(key, part)
+def _append(self: TableLog, df: pd.DataFrame) -> int: return self.table.append(df, partition_by=self.partition_by)
 
 
-PredictionLog.flush, PredictionLog._write = _flush, _write
-
-# %% ../nbs/06a_predlog.ipynb #c1b1f7b6
-def _day(path: str) -> str | None:
-    m = re.search(r"dt=(\d{4}-\d{2}-\d{2})", path)
-    return m[1] if m else None
+TableLog.flush, TableLog._append = _flush, _append
 
 
-def _read_part(lake: Lake, f: str) -> pd.DataFrame:
-    df = lake.read_parquet(f)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing: raise ValueError(f"missing columns {missing}")
-    return df
+class PredictionLog(TableLog):
+    "The API's answers, buffered; appended to the lake table `predictions` (partitioned by `dt`) every `flush_s` s."
+    thread_name, table_name, partition_by = "prediction-log", PREDICTIONS, ["dt"]
+
+    def __init__(self, lake: Lake | None, log_text: bool = True, flush_s: float = 5.0, max_rows: int = 100_000,
+                 metrics=None, breaker=None):  # as TableLog; log_text: keep the raw text (else only its sha256)
+        super().__init__(lake, flush_s, max_rows, metrics, breaker)
+        self.log_text = log_text
+
+    def frame(self, rows: list[tuple]) -> pd.DataFrame: return prediction_table(rows, self.log_text)
 
 
+def write_predictions(lake: Lake, table: pd.DataFrame) -> int:
+    "Append a `prediction_table` to the lake's prediction log in one commit (demos, tests, backfills); the version."
+    return _table(lake, PREDICTIONS).append(table[TABLE_COLUMNS], partition_by=["dt"])
+
+# %% ../nbs/06a_predlog.ipynb #f82e1a71
 def _corrupt(f: str, e: Exception) -> dict:
     return {"file": f, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
-# %% ../nbs/06a_predlog.ipynb #f82e1a71
-def read_predictions(lake: Lake,  # the lake holding `predictions/`
+
+def read_predictions(lake: Lake,  # the lake holding the `predictions` table
                      hours: float | None = None,  # the last `hours` before `now`
                      last_n: int | None = None,  # or the last `last_n` rows
                      now: datetime | None = None,  # end of the window (default: now)
@@ -181,25 +198,21 @@ def read_predictions(lake: Lake,  # the lake holding `predictions/`
                      ) -> tuple[pd.DataFrame, dict]:
     "The prediction log of the last `hours` (or the last `last_n` rows), sorted by time, and where it came from."
     now = now or datetime.now(UTC)
-    files = [f for f in lake.list(f"{PREDICTIONS}/") if f.endswith(".parquet")]
     since = now - timedelta(hours=hours) if hours else None
-    if since is not None: files = [f for f in files if (_day(f) or "9999") >= since.strftime("%Y-%m-%d")]
-    files.sort(key=lambda f: (_day(f) or "", f), reverse=True)
-    frames, used, corrupt, n = [], [], [], 0
-    for f in files:
-        try: df = _read_part(lake, f)
-        except Exception as e:  # any unreadable file is reported, whatever the reader raised
-            corrupt.append(_corrupt(f, e))
-            continue
-        frames.append(df)
-        used.append(f)
-        n += len(df)
-        if last_n and not since and n >= last_n and not corrupt: break
-    info = {"files": len(used), "corrupt": corrupt, "since": since.isoformat() if since else None}
-    if not frames: return pd.DataFrame(columns=REQUIRED), info
-    df = pd.concat(frames, ignore_index=True)
+    table = _table(lake, PREDICTIONS)
+    info = {"files": 0, "corrupt": [], "since": since.isoformat() if since else None, "version": None}
+    days = [("dt", "<=", f"{now:%Y-%m-%d}")] + ([("dt", ">=", f"{since:%Y-%m-%d}")] if since else [])
+    cols = list(dict.fromkeys([*columns, "timestamp", "dt"])) if columns else None
+    try:
+        info["version"] = version = table.version()
+        df = table.read(version=version, columns=cols, filters=days) if version is not None else pd.DataFrame()
+    except (TableError, OSError) as e:  # an unreadable table is reported, not raised
+        info["corrupt"] = [_corrupt(table.uri, e)]
+        df = pd.DataFrame()
+    if df.empty: return pd.DataFrame(columns=columns or REQUIRED), info
     df["timestamp"] = pd.to_datetime(df.timestamp, utc=True)
-    if since is not None: df = df[(df.timestamp >= since) & (df.timestamp <= now)]
+    df = df[(df.timestamp >= since) & (df.timestamp <= now)] if since is not None else df[df.timestamp <= now]
+    info["files"] = int(df.dt.nunique())  # day partitions read
     df = df.sort_values("timestamp", kind="stable")
     if last_n: df = df.tail(last_n)
     df = df.reset_index(drop=True)
@@ -207,39 +220,147 @@ def read_predictions(lake: Lake,  # the lake holding `predictions/`
     return df, info
 
 # %% ../nbs/06a_predlog.ipynb #c061aba9
-def write_feedback(lake: Lake,  # the lake receiving `feedback/`
+def feedback_frame(df: pd.DataFrame,  # some of FEEDBACK_COLUMNS; label required
+                   source: str,  # `api`, `import` or `upgrade`
+                   now: datetime | None = None,  # received_at of rows without one (default: now)
+                   ) -> pd.DataFrame:
+    "Feedback rows in the table's schema and types, the missing columns null; FeedbackError for a bad label."
+    out = df.reindex(columns=FEEDBACK_COLUMNS).reset_index(drop=True)
+    bad = ~out.label.isin(LABELS)
+    if bad.any():
+        raise FeedbackError(f"feedback labels must be ham or spam, got {sorted(map(str, set(out.label[bad])))[:5]}")
+    if source not in SOURCES: raise FeedbackError(f"feedback source {source!r}: one of {', '.join(SOURCES)}")
+    out["source"] = source
+    received = pd.to_datetime(out.received_at, utc=True)
+    out["received_at"] = received.fillna(pd.Timestamp(now or datetime.now(UTC))).astype("datetime64[us, UTC]")
+    for c in FEEDBACK_COLUMNS:
+        if c != "received_at": out[c] = out[c].astype("string")
+    return out
+
+
+class FeedbackLog(TableLog):
+    "Labels from the API (prediction_id, label, api_key_id, received_at), buffered; appended to the `feedback` table."
+    thread_name, table_name, metric = "feedback-log", FEEDBACK, "feedback"
+
+    def frame(self, rows: list[tuple]) -> pd.DataFrame:
+        return feedback_frame(pd.DataFrame(rows, columns=["prediction_id", "label", "api_key_id", "received_at"]),
+                              "api")
+
+
+def write_feedback(lake: Lake,  # the lake receiving the labels
                    message_ids,  # ids of the labelled messages (`spam_mlops.ingest.message_id` of the text)
                    labels,  # one `ham` or `spam` per message
-                   now: datetime | None = None,  # the file's timestamp and partition (default: now)
-                   ) -> str:
-    "Write labelled feedback (message_id, label in ham/spam) as one CSV file under feedback/; the file's path."
-    now = now or datetime.now(UTC)
-    df = pd.DataFrame({"message_id": list(message_ids), "label": list(labels), "timestamp": now.isoformat()})
-    bad = ~df.label.isin(LABELS)
-    if bad.any(): raise FeedbackError(f"feedback labels must be ham or spam, got {sorted(set(df.label[bad]))[:5]}")
-    key = f"{FEEDBACK}/dt={now:%Y-%m-%d}/{now:%H%M%S}-{uuid.uuid4().hex[:8]}.csv"
-    return lake.write_bytes(key, df.to_csv(index=False).encode())
+                   now: datetime | None = None,  # their received_at (default: now)
+                   ) -> int:
+    "Append labels of message ids (source `import`) to the `feedback` table in one commit; the table's version."
+    df = feedback_frame(pd.DataFrame({"message_id": list(message_ids), "label": list(labels)}), "import", now)
+    return _table(lake, FEEDBACK).append(df)
+
+# %% ../nbs/06a_predlog.ipynb #b2e4d6f1
+def _import_row(row: dict, fields: dict) -> tuple[dict | None, str | None]:
+    "One CSV row as a feedback row, or the reason it is refused."
+    get = lambda k: (row.get(fields[k]) or "") if k in fields else ""  # noqa: E731
+    label, pid, text = get("label").strip().lower(), get("prediction_id").strip(), get("text")
+    if label not in LABELS: return None, f"label {get('label')!r} is not ham or spam"
+    if pid: return {"prediction_id": pid, "label": label}, None
+    if text.strip(): return {"text": text, "message_id": message_id(text), "label": label}, None
+    return None, "no prediction_id" if "prediction_id" in fields else "empty text"
+
+
+def import_feedback(lake: Lake,  # the lake receiving the labels
+                    path: str | Path,  # CSV with a header: prediction_id,label or text,label (or all three)
+                    now: datetime | None = None,  # received_at of the rows (default: now)
+                    ) -> dict:
+    "Append the valid rows of a labels CSV to the `feedback` table (source `import`); what was accepted and refused."
+    rows, refused = [], []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = {c.strip().lower(): c for c in reader.fieldnames or []}
+            if "label" not in fields or not {"prediction_id", "text"} & set(fields):
+                raise FeedbackError(f"{path}: columns {list(fields)}; need prediction_id,label or text,label")
+            for row in reader:
+                ok, reason = _import_row(row, fields)
+                if ok: rows.append(ok)
+                else: refused.append({"line": reader.line_num, "reason": reason})
+    except (OSError, UnicodeDecodeError, csv.Error) as e: raise FeedbackError(f"cannot read {path}: {e}") from e
+    version = _table(lake, FEEDBACK).append(feedback_frame(pd.DataFrame(rows), "import", now)) if rows else None
+    return {"file": str(path), "accepted": len(rows), "refused": refused, "version": version}
+
+# %% ../nbs/06a_predlog.ipynb #e5b7c9d4
+LABELLED_COLUMNS = ["prediction_id", "message_id", "text", "label", "api_key_id", "received_at", "source"]
+
+
+def _resolve(fb: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
+    "Feedback with the message id and text of its prediction (or its own), and `reason` when it cannot be used."
+    fb = fb.reindex(columns=FEEDBACK_COLUMNS).astype({c: object for c in FEEDBACK_COLUMNS if c != "received_at"})
+    fb = fb.reset_index(drop=True)
+    by_pid = preds.drop_duplicates("prediction_id", keep="last").set_index("prediction_id")
+    by_mid = preds[preds.text.notna()].drop_duplicates("message_id", keep="last").set_index("message_id")
+    pid, own = fb.prediction_id.notna(), fb.prediction_id.isna() & fb.text.notna()
+    fb.loc[own, "message_id"] = fb.text[own].map(message_id)
+    hit = pid & fb.prediction_id.isin(by_pid.index)
+    fb.loc[hit, "message_id"] = fb.prediction_id[hit].map(by_pid.message_id)
+    fb.loc[hit, "text"] = fb.prediction_id[hit].map(by_pid.text)
+    mid = fb.prediction_id.isna() & fb.text.isna() & fb.message_id.notna()
+    mhit = mid & fb.message_id.isin(by_mid.index)
+    fb.loc[mhit, "text"] = fb.message_id[mhit].map(by_mid.text)
+    reason = pd.Series(None, index=fb.index, dtype=object)
+    reason[pid & ~hit] = "unknown_prediction_id"
+    reason[(hit | mid & fb.message_id.isin(preds.message_id)) & fb.text.isna()] = "prediction_without_text"
+    reason[mid & ~fb.message_id.isin(preds.message_id)] = "unknown_message_id"
+    reason[fb.prediction_id.isna() & fb.text.isna() & fb.message_id.isna()] = "no_id"
+    reason[reason.isna() & ~fb.label.isin(LABELS)] = "invalid_label"
+    return fb.assign(reason=reason)
+
+
+def _read_pinned(lake: Lake, name: str, version: int | None, columns: list[str] | None = None):
+    "(frame, version) of table `name` at `version` (default: its latest); an empty frame when it does not exist."
+    t = _table(lake, name)
+    version = t.version() if version is None else version
+    return (t.read(version=version, columns=columns) if version is not None else pd.DataFrame(columns=columns)), version
+
+# %% ../nbs/06a_predlog.ipynb #f6c8dae5
+def labelled_feedback(lake: Lake,  # the lake holding the feedback and predictions tables
+                      as_of: dict | None = None,  # table versions to read: {"feedback": v, "predictions": v}
+                      quarantine: bool = True,  # write the quarantined rows to quarantine/feedback/
+                      ) -> tuple[pd.DataFrame, dict]:
+    "Labelled rows (one per prediction id or message, the latest label wins) and a report of what was left out."
+    as_of = as_of or {}
+    fb, fv = _read_pinned(lake, FEEDBACK, as_of.get("feedback"), FEEDBACK_COLUMNS)
+    preds, pv = _read_pinned(lake, PREDICTIONS, as_of.get("predictions"), ["prediction_id", "message_id", "text"])
+    fb = _resolve(fb, preds)
+    bad, ok = fb[fb.reason.notna()], fb[fb.reason.isna()].copy()
+    ok["key"] = ok.prediction_id.where(ok.prediction_id.notna(), "message:" + ok.message_id.astype(str))
+    ok = ok.sort_values(["received_at", "key", "label"], kind="stable")  # ties broken the same way every time
+    conflicts = int((ok.groupby("key").label.nunique() > 1).sum())
+    rows = ok.drop_duplicates("key", keep="last")[LABELLED_COLUMNS].reset_index(drop=True)
+    report = {"rows": len(rows), "quarantined": {str(k): int(v) for k, v in bad.reason.value_counts().items()},
+              "conflicts": conflicts, "duplicates": len(ok) - len(rows), "feedback_version": fv,
+              "predictions_version": pv}
+    if quarantine and len(bad):
+        key = f"quarantine/{FEEDBACK}/feedback-v{fv}-predictions-v{pv}.parquet"
+        if not lake.exists(key): lake.write_parquet(key, bad.astype({"reason": "string"}).reset_index(drop=True))
+        report["quarantine_file"] = key
+    return rows, report
 
 
 def read_feedback(lake: Lake) -> tuple[pd.DataFrame, dict]:
-    "All feedback rows (message_id, label, order) and a note of unreadable files and invalid rows."
-    frames, bad_files, invalid = [], [], 0
-    for f in lake.list(f"{FEEDBACK}/"):
-        try:
-            if f.endswith(".csv"): df = pd.read_csv(io.BytesIO(lake.read_bytes(f)), dtype=str)
-            elif f.endswith(".parquet"): df = lake.read_parquet(f)
-            else: continue
-            if not {"message_id", "label"} <= set(df.columns):
-                raise ValueError(f"columns {list(df.columns)}: need message_id,label")
-        except Exception as e:  # any unreadable file is reported, whatever the reader raised
-            bad_files.append(_corrupt(f, e))
-            continue
-        df = df.assign(label=df.label.astype(str).str.strip().str.lower(), order=len(frames))
-        ok = df.label.isin(LABELS) & df.message_id.notna()
-        invalid += int((~ok).sum())
-        frames.append(df[ok][["message_id", "label", "order"]])
-    fb = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["message_id", "label", "order"])
-    return fb, {"files": len(frames), "bad_files": bad_files, "invalid_rows": invalid}
+    "Every labelled message id of the feedback table (message_id, label, order: a later one wins) and what was skipped."
+    empty = pd.DataFrame(columns=["message_id", "label", "order"])
+    info = {"files": 0, "bad_files": [], "invalid_rows": 0}
+    try:
+        fb, fv = _read_pinned(lake, FEEDBACK, None, FEEDBACK_COLUMNS)
+        preds, _ = _read_pinned(lake, PREDICTIONS, None, ["prediction_id", "message_id"])
+    except (TableError, OSError) as e:  # an unreadable table is reported, not raised
+        return empty, info | {"bad_files": [_corrupt(_table(lake, FEEDBACK).uri, e)]}
+    info |= {"files": int(fv is not None), "version": fv}
+    if fb.empty: return empty, info
+    fb = _resolve(fb, preds.assign(text=None))
+    keep = fb.message_id.notna() & fb.label.isin(LABELS)
+    fb = fb[keep].sort_values(["received_at", "label"], kind="stable")
+    info["invalid_rows"] = int((~keep).sum())
+    return pd.DataFrame({"message_id": fb.message_id.values, "label": fb.label.values, "order": range(len(fb))}), info
 
 # %% ../nbs/06a_predlog.ipynb #8606cd96
 def key_fingerprint(key: bytes) -> str:

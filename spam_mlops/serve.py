@@ -1,10 +1,11 @@
 """The prediction API on Ray Serve: the deployment with dynamic batching, `serve run`, HTTPS and `spam-mlops serve`.
 
-The API loads `models:/spam_detection@champion` from MLflow (or a local `.keras` file when offline) and answers
-`POST /api/predict` and `POST /api/predict/batch`. It is a pure core wrapped thinly: `spam_mlops.service`
-(`predict_batch`, the `Service` that owns the model, the metrics and the logs), `spam_mlops.api` (the FastAPI app
-and its middlewares), and here a ~20-line Ray Serve deployment that adds `@serve.batch` in front of them.
-`run_server` is what `spam-mlops serve` runs; `app_builder` is the import path for `serve run` and KubeRay.
+The API loads `models:/spam_detection@champion` from MLflow (or a local `.keras` file when offline), answers
+`POST /api/predict` and `POST /api/predict/batch`, and takes labels on `POST /api/feedback`. It is a pure core
+wrapped thinly: `spam_mlops.service` (`predict_batch`, the `Service` that owns the model, the metrics and the
+logs), `spam_mlops.api` (the FastAPI app and its middlewares), and here a ~20-line Ray Serve deployment that adds
+`@serve.batch` in front of them. `run_server` is what `spam-mlops serve` runs; `app_builder` is the import path
+for `serve run` and KubeRay.
 
 Docs: https://spam-mlops.github.io/spam_mlops/serve.html.md"""
 
@@ -62,8 +63,8 @@ def deployment(config: ServeConfig, replicas: int = 1, name: str = "SpamAPI"):
             self.service = Service(config).try_load().start()
 
         @serve.batch(max_batch_size=config.max_batch_size, batch_wait_timeout_s=config.batch_wait_s)
-        async def predict_one(self, texts: list[str], ids: list[str]) -> list[dict]:
-            return self.service.predict(texts, ids)
+        async def predict_one(self, texts: list[str], ids: list[str], keys: list) -> list[dict]:
+            return self.service.predict(texts, ids, keys)
 
         def __serve_build_asgi_app__(self):
             return build_app(self.service, self.predict_one, echo_request_id=False)  # Ray returns X-Request-ID itself

@@ -2,7 +2,8 @@
 
 A `Service` owns what a replica of the API holds: the current `Predictor` (one compiled `tf.function`), the
 poller that swaps in a new model version when the registry's alias moves, the metrics, the prediction log
-(`spam_mlops.predlog`, the input of drift detection) and the audit log. It is built from a `ServeConfig` of
+(`spam_mlops.predlog`, the input of drift detection), the feedback log (labels from `POST /api/feedback`) and
+the audit log. It is built from a `ServeConfig` of
 plain values, so it travels to Ray replicas as is. The HTTP layer (`spam_mlops.api`) and the Ray Serve wiring
 (`spam_mlops.serve`) are thin wrappers around it; here it runs in-process, on a small demo model.
 
@@ -26,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from . import registry
-from .config import ServeSettings, Settings, SpamMlopsError, get_settings
+from .config import FeedbackSettings, ServeSettings, Settings, SpamMlopsError, get_settings
 from .curate import clean_text
 from .lake import Lake
-from .predlog import AuditLog, PredictionLog, key_fingerprint
+from .predlog import AuditLog, FeedbackLog, PredictionLog, key_fingerprint
 from .registry import ModelCache, keras_file, redact
 from .resilience import Dependency, DependencyDown
 
@@ -68,6 +69,17 @@ class ServeConfig:
     retry_attempts: int = 3  # tries of one dependency call, with exponential backoff between
     breaker_fail_max: int = 3  # failed calls in a row that open a dependency's circuit
     breaker_reset_s: float = 15.0  # an open circuit fails fast this long, then lets one call try
+    require_keys: bool = False  # refuse to start without api_keys (production fails closed)
+    max_body_bytes: int = 2_000_000  # larger request bodies are refused (413) before being read
+    feedback_rate_per_s: float = 20.0  # labels per second per API key (token bucket refill)
+    feedback_burst: int = 2000  # labels a key may send at once (token bucket size)
+    feedback_flush_s: float = 5.0  # feedback log flush interval
+    feedback_max_rows: int = 100_000  # bound of the in-memory feedback buffer
+
+    def __post_init__(self):
+        if self.require_keys and not self.api_keys:
+            raise ServeError("SPAM_MLOPS_SERVE_REQUIRE_KEYS is on but SPAM_MLOPS_SERVE_API_KEYS is empty: "
+                             "refusing to start an API without keys")
 
     def absolute(self) -> ServeConfig:
         "The config with its paths (model, lake, cache, audit file, SQLite tracking) made absolute."
@@ -81,6 +93,8 @@ class ServeConfig:
 # %% ../nbs/06b_service.ipynb #07960bb9
 _OWN = {"tracking_uri": "mlflow_tracking_uri", "lake": "lake"}  # fields from Settings, not the serve section
 _RENAMED = {"poll_s": "model_poll_s"}  # field -> ServeSettings name
+_FEEDBACK = {"feedback_rate_per_s": "rate_per_s", "feedback_burst": "burst", "feedback_flush_s": "flush_s",
+             "feedback_max_rows": "max_rows"}  # field -> FeedbackSettings name
 
 
 def _from_settings(cls, settings: Settings | None = None,  # base settings (default: from the environment)
@@ -94,10 +108,12 @@ def _from_settings(cls, settings: Settings | None = None,  # base settings (defa
         raise ServeError(f"unknown serve arguments: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
     if isinstance(overrides.get("api_keys"), tuple | list): overrides["api_keys"] = ",".join(overrides["api_keys"])
     base = {k: overrides.pop(k) for k in list(overrides) if k in _OWN}
+    fb = get_settings(FeedbackSettings, **{_FEEDBACK[k]: overrides.pop(k) for k in list(overrides) if k in _FEEDBACK})
     if base.get("lake"): base["lake"] = get_settings(lake=base["lake"]).lake  # validated like SPAM_MLOPS_LAKE
     sv = {_RENAMED.get(k, k): v for k, v in overrides.items()}
     serve = get_settings(ServeSettings, **{**(serve.model_dump() if serve else {}), **sv}) if sv or not serve else serve
     fields = {k: getattr(serve, _RENAMED.get(k, k)) for k in known - set(_OWN) if hasattr(serve, _RENAMED.get(k, k))}
+    fields |= {k: getattr(fb, v) for k, v in _FEEDBACK.items()}
     fields["model_uri"] = serve.model_uri or f"models:/{s.model_name}@champion"
     fields["api_keys"] = tuple(k.strip() for k in serve.api_keys.split(",") if k.strip())
     own = {"tracking_uri": s.mlflow_tracking_uri, "lake": s.lake} | base
@@ -177,7 +193,7 @@ def download_model(uri: str, version: str, tracking_uri: str | None = None, dst:
     return registry.download(registry.client(tracking_uri), name, version, dst)
 
 # %% ../nbs/06b_service.ipynb #9b27cad5
-ROUTES = ("/api/predict", "/api/predict/batch", "/healthz", "/readyz")
+ROUTES = ("/api/predict", "/api/predict/batch", "/api/feedback", "/healthz", "/readyz")
 _LATENCY_BUCKETS = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
 
@@ -211,6 +227,9 @@ class _Series:
                            tag_keys=("version",))
         self._log = Counter("spam_api_prediction_log_rows", description="Prediction log rows written or dropped",
                             tag_keys=("outcome",))
+        self._feedback = Counter("spam_api_feedback_labels", description="Feedback labels by outcome: accepted, "
+                                 "duplicate, conflicting, rate_limited, refused (buffer full), written, dropped",
+                                 tag_keys=("outcome",))
         self._dep = Counter("spam_api_dependency_failures", description="Failed calls to a dependency, after retries",
                             tag_keys=("dependency",))
         self._circuit = Gauge("spam_api_circuit_open", description="Circuit breaker of a dependency: 1 open or "
@@ -254,6 +273,10 @@ class Metrics(_Series):
         "Count prediction-log rows `written` or `dropped`."
         if n: self._inc(self._log, n, outcome=outcome)
 
+    def feedback(self, outcome: str, n: int):
+        "Count feedback labels by `outcome` (`accepted`, `duplicate`, `conflicting`, `rate_limited`, ...)."
+        if n: self._inc(self._feedback, n, outcome=outcome)
+
     def dependency_failure(self, dependency: str):
         "Count one failed call to `dependency` (`registry`, `lake`)."
         self._inc(self._dep, 1, dependency=dependency)
@@ -278,8 +301,11 @@ class Service:
         remote = config.model_uri.startswith("models:/")
         self.cache = ModelCache(config.model_cache) if config.model_cache and remote else None
         lake = Lake.from_settings(get_settings(lake=config.lake)) if config.lake else None
-        self.log = PredictionLog(lake, config.log_text, config.log_flush_s, config.log_max_rows, self.metrics,
-                                 breaker=Dependency("lake", attempts=1, **bounds))
+        store = Dependency("lake", attempts=1, **bounds)  # one breaker for both logs: they share the store
+        self.log = PredictionLog(lake, config.log_text, config.log_flush_s, config.log_max_rows, self.metrics, store)
+        # feedback writes training data: never without API keys
+        self.feedback = FeedbackLog(lake if config.api_keys else None, config.feedback_flush_s,
+                                    config.feedback_max_rows, self.metrics, store)
         self.audit = AuditLog(config.audit_log, config.audit_text,
                               {key_fingerprint(k): i for k, i in key_ids(config.api_keys).items()})
         self._stop = threading.Event()
@@ -294,17 +320,20 @@ class Service:
 
     def _remote(self) -> bool: return self.config.model_uri.startswith("models:/")
 
-    def predict(self, texts: list[str], ids: list[str] | None = None) -> list[dict]:
-        "Answers for raw `texts`: prediction, spam_probability, model_version, request_id (`ids`, default new ones)."
+    def predict(self, texts: list[str], ids: list[str] | None = None, keys: list | None = None) -> list[dict]:
+        """Answers for raw `texts`: prediction, spam_probability, model_version, request_id (`ids`, default new
+        ones) and a new prediction_id each; `keys`: the caller's API key id per text, logged with it."""
         p = self.predictor
         if p is None: raise ServeError(f"model not loaded: {self.reason}")
         probs, labels = predict_batch(texts, p, self.config.threshold)
         now = datetime.now(UTC)
         ids = ids or [uuid.uuid4().hex for _ in texts]
+        pids, keys = [uuid.uuid4().hex for _ in texts], keys or [None] * len(texts)
         self.metrics.batch(len(texts), labels, p.version)
-        self.log.append([(now, i, t, float(pr), lab, p.version) for i, t, pr, lab in zip(ids, texts, probs, labels)])
-        return [{"prediction": lab, "spam_probability": float(pr), "model_version": p.version, "request_id": i}
-                for lab, pr, i in zip(labels, probs, ids)]
+        self.log.append([(now, i, t, float(pr), lab, p.version, pid, k)
+                         for i, t, pr, lab, pid, k in zip(ids, texts, probs, labels, pids, keys)])
+        return [{"prediction": lab, "spam_probability": float(pr), "model_version": p.version, "request_id": i,
+                 "prediction_id": pid} for lab, pr, i, pid in zip(labels, probs, ids, pids)]
 
 # %% ../nbs/06b_service.ipynb #99b645d5
 def _current_version(self: Service) -> str:
@@ -401,8 +430,9 @@ Service._retry_s, Service._refresh_loop, Service.readiness = _retry_s, _refresh_
 
 # %% ../nbs/06b_service.ipynb #5450b9fe
 def _start(self: Service) -> Service:
-    "Start the prediction log and audit writers and the model refresh poller (which also retries a failed load)."
+    "Start the prediction, feedback and audit writers and the model refresh poller (which also retries a failed load)."
     self.log.start()
+    self.feedback.start()
     self.audit.start()
     if (self.config.poll_s > 0 or not self.ready) and self._thread is None:
         self._thread = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
@@ -411,9 +441,10 @@ def _start(self: Service) -> Service:
 
 
 def _close(self: Service):
-    "Stop the poller and flush the prediction and audit logs."
+    "Stop the poller and flush the prediction, feedback and audit logs."
     self._stop.set()
     self.log.close()
+    self.feedback.close()
     self.audit.close()
 
 
