@@ -35,8 +35,9 @@ from .lake import Lake
 
 # %% auto #0
 __all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'lake_app', 'command', 'quiet_console', 'import_tensorflow', 'ingest', 'curate',
-           'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'rollback', 'tune', 'serve', 'drift',
-           'backup', 'restore', 'run', 'main', 'lake_command', 'history', 'compact', 'vacuum', 'upgrade']
+           'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'rollback', 'tune', 'serve',
+           'feedback_import', 'drift', 'backup', 'restore', 'run', 'main', 'lake_command', 'history', 'compact',
+           'vacuum', 'upgrade']
 
 # %% ../nbs/10_cli.ipynb #e06fc9e6
 app = typer.Typer(help="spam_mlops: a literate MLOps system for SMS spam detection.", no_args_is_help=True,
@@ -230,6 +231,17 @@ def serve(port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     from spam_mlops.serve import run_server
     run_server(get_settings(), port=port, host=host, replicas=replicas, model_uri=model_uri, metrics_port=metrics_port,
                tls_cert=tls_cert, tls_key=tls_key)
+
+# %% ../nbs/10_cli.ipynb #h3fb0001
+@command("feedback")
+def feedback_import(file: Annotated[Path, typer.Argument(help="CSV with a header: prediction_id,label or text,label")]):
+    "Import labels in bulk into the feedback table; every refused row is printed with its line and reason (exit 1)."
+    from spam_mlops.predlog import import_feedback
+    got = import_feedback(Lake.from_settings(get_settings()), file)
+    table = f" (feedback table version {got['version']})" if got["version"] is not None else ""
+    print(f"feedback {got['file']}: {got['accepted']} accepted{table}, {len(got['refused'])} refused")
+    for r in got["refused"]: print(f"  line {r['line']}: {r['reason']}")
+    if got["refused"]: raise typer.Exit(1)
 
 # %% ../nbs/10_cli.ipynb #872b55b1
 def _given(**kw) -> dict:
