@@ -117,24 +117,27 @@ def _console(verbose: Annotated[bool, typer.Option("-v", "--verbose",
 
 # %% ../nbs/10_cli.ipynb #b342b7e3
 @command()
-def ingest(source: Annotated[str | None, typer.Option(help="Override SPAM_MLOPS_SOURCE")] = None):
-    "Fetch and validate the corpus; write raw/, quarantine/ and the manifest."
+def ingest(source: Annotated[str | None, typer.Argument(help="A file, http(s) URL, s3:// object, or a landing prefix "
+                                                        "(a folder, or s3://bucket/prefix/) whose new files are "
+                                                        "each taken once. Default: SPAM_MLOPS_SOURCE")] = None):
+    "Ingest a batch, or each new file of a landing prefix, into the raw table; refused lines are quarantined."
     from spam_mlops.ingest import ingest as run
     print(run(get_settings(), source=source))
 
 
 @command()
 def curate():
-    "Clean and deduplicate raw/ into curated/sms_clean.parquet."
+    "Clean and deduplicate the raw rows not curated yet into the curated table."
     from spam_mlops.curate import curate as run
     print(run(get_settings()))
 
 
 @command()
-def features():
-    "Compute message features into features/nlp_features.parquet."
+def features(full: Annotated[bool, typer.Option("--full", help="Recompute every row, not only the new ones")]
+             = False):
+    "Compute the features of new curated rows into features/nlp_features.parquet (Feast's source)."
     from spam_mlops.features import features as run
-    print(run(get_settings()))
+    print(run(get_settings(), full=full))
 
 # %% ../nbs/10_cli.ipynb #635c8993
 @command("feast-apply")
@@ -147,7 +150,7 @@ def feast_apply():
 @command()
 def materialize(full: Annotated[bool, typer.Option("--full", help="Every row, not only those since the last run")]
                 = False):
-    "Copy the latest features of each message into the online store (SQLite, or Redis)."
+    "Copy the features of the rows new since the last run (or, --full, of all) into the online store."
     from spam_mlops.feature_store import materialize as run
     print(run(get_settings(), incremental=not full))
 

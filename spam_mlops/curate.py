@@ -1,11 +1,13 @@
-"""Clean the raw messages without losing the spam signal, drop exact duplicates, write `curated/`.
+"""Clean the raw messages without losing the spam signal, drop exact duplicates, add the new ones to `curated`.
 
 The seed notebook deleted every non-letter, which threw away phone numbers, prices and URLs: the very
 things that give spam away. Here they are normalised into tokens instead (`xurl`, `xemail`, `xphone`,
 `xmoney`, `xnum`), HTML entities are unescaped (`&lt;` → `<`), text is lowercased and whitespace collapsed.
 Exact duplicates (same label and text) are dropped; a text seen with both labels would be a conflict and
 goes to `quarantine/` rather than being silently resolved. All string work is vectorised on Arrow strings
-(RE2 regexes), so a million messages take seconds.
+(RE2 regexes), so a million messages take seconds. The stage is incremental: it reads only the `raw` rows it
+has not seen (not yet in `curated`, and added after the raw version its last run recorded in its commit), and
+MERGEs them into the Delta table `curated` by `message_id`, each stamped with its arrival time `curated_at`.
 
 Docs: https://spam-mlops.github.io/spam_mlops/curate.html.md"""
 
@@ -23,17 +25,26 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import Settings, get_settings
-from .ingest import read_raw
+from .config import Settings, SpamMlopsError, get_settings
+from .ingest import RAW_COLUMNS, RAW_TABLE, read_raw
 from .lake import Lake
+from .tables import Table, TableError
 
 # %% auto #0
-__all__ = ['CURATED', 'CONFLICTS', 'EMAIL_RE', 'URL_RE', 'MONEY_RE', 'PHONE_RE', 'CHUNK', 'to_arrow', 'map_chunks', 'clean_text',
-           'CurateReport', 'curate_frame', 'curate', 'read_curated']
+__all__ = ['CURATED_TABLE', 'CURATED_COLUMNS', 'CURATED', 'CONFLICTS', 'EMAIL_RE', 'URL_RE', 'MONEY_RE', 'PHONE_RE', 'CHUNK',
+           'CurateError', 'to_arrow', 'map_chunks', 'clean_text', 'curate_frame', 'last_raw_version', 'unseen_raw',
+           'CurateReport', 'curate', 'read_curated']
 
 # %% ../nbs/01_curate.ipynb #0da3968f
-CURATED = "curated/sms_clean.parquet"
-CONFLICTS = "quarantine/curate.conflicts.csv"
+CURATED_TABLE = "curated"  # the table (spam_mlops.tables) of cleaned, deduplicated messages
+CURATED_COLUMNS = ["message_id", "label", "text", "clean_text", "batch_id", "curated_at"]
+CURATED = "curated/sms_clean.parquet"  # the layout before tables: read only by `spam-mlops lake upgrade`
+CONFLICTS = "quarantine/curate"  # raw-v<N>.conflicts.csv: texts with both labels among the rows of one run
+
+
+class CurateError(SpamMlopsError):
+    "The curate stage cannot run or read; the message says why."
+
 
 # RE2 patterns (Arrow's regex engine), shared with the features stage
 EMAIL_RE = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
@@ -102,41 +113,82 @@ def clean_text(text) -> pd.Series:
     return pd.Series(_clean_arrow(text).to_numpy(zero_copy_only=False), index=index, dtype=object)
 
 # %% ../nbs/01_curate.ipynb #a17bd839
-@dataclass
-class CurateReport:
-    "Rows in and out of the curate stage."
-    rows_in: int
-    duplicates: int
-    conflicts: int
-    rows_out: int
-    curated: str
-
-    def __str__(self):
-        extra = f", {self.conflicts} conflicting (see quarantine)" if self.conflicts else ""
-        return (f"curate: {self.rows_in} rows in, {self.duplicates} exact duplicates dropped{extra}, "
-                f"{self.rows_out} rows out → {self.curated}")
-
-
 def curate_frame(raw: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Deduplicated, cleaned rows (message_id, label, text, clean_text) and conflicting rows (same text, other label)."
+    "Deduplicated, cleaned rows (message_id, label, text, clean_text[, batch_id]) and conflicting rows."
     df = raw.drop_duplicates(["label", "text"])
     clash = df.message_id.duplicated(keep=False)
     conflicts, df = df[clash], df[~clash].copy()
     # kept as Arrow strings: the Parquet write then copies nothing
     df["clean_text"] = pd.Series(pd.arrays.ArrowStringArray(_clean_arrow(df.text)), index=df.index)
-    return df[["message_id", "label", "text", "clean_text"]].reset_index(drop=True), conflicts
+    cols = ["message_id", "label", "text", "clean_text"] + (["batch_id"] if "batch_id" in df else [])
+    return df[cols].reset_index(drop=True), conflicts
+
+# %% ../nbs/01_curate.ipynb #d5e6f7a8
+def last_raw_version(cur: Table) -> int | None:
+    "The raw version the latest curate run recorded in its commit (None before the first run)."
+    metas = cur.history().sort_values("version").meta
+    seen = [m["raw_version"] for m in metas if isinstance(m, dict) and "raw_version" in m]
+    return int(seen[-1]) if seen else None
 
 
-def curate(settings: Settings | None = None, lake: Lake | None = None) -> CurateReport:
-    "Read `raw/`, clean and deduplicate, write `curated/sms_clean.parquet`."
-    lake = lake or Lake.from_settings(settings or get_settings())
-    raw = read_raw(lake)
-    df, conflicts = curate_frame(raw)
-    if len(conflicts): lake.write_bytes(CONFLICTS, conflicts.to_csv(index=False).encode())
-    url = lake.write_parquet(CURATED, df)
-    return CurateReport(len(raw), len(raw) - len(df) - len(conflicts), len(conflicts), len(df), url)
+def unseen_raw(raw: Table, cur: Table, since: int | None = None) -> pd.DataFrame:
+    "Rows of `raw` not in `cur`, and (when `since` is given and readable) added to `raw` after version `since`."
+    ids = raw.read(columns=["message_id"]).message_id
+    new = ~ids.isin(cur.read(columns=["message_id"]).message_id) if cur.exists() else ids.notna()
+    if since is not None:
+        try: new &= ~ids.isin(raw.read(version=since, columns=["message_id"]).message_id)
+        except TableError: pass  # vacuumed: the curated ids alone decide
+    if not new.any(): return pd.DataFrame({c: [] for c in RAW_COLUMNS})
+    rows = raw.read()
+    rows = rows[rows.message_id.isin(set(ids[new]))]
+    return rows.sort_values(["ingested_at", "line"], ignore_index=True)[RAW_COLUMNS]
+
+# %% ../nbs/01_curate.ipynb #f7a8b9c0
+@dataclass
+class CurateReport:
+    "Rows in and out of one curate run, and the table versions it went from and to."
+    rows_in: int  # raw rows not seen before
+    duplicates: int
+    conflicts: int
+    rows_out: int  # rows added to `curated`
+    curated: str  # the table's URI
+    raw_version: int | None = None
+    curated_version: int | None = None
+
+    def __str__(self):
+        if not self.rows_in:
+            return f"curate: 0 new rows (raw v{self.raw_version} already curated; curated v{self.curated_version})"
+        extra = f", {self.conflicts} conflicting (see quarantine)" if self.conflicts else ""
+        return (f"curate: {self.rows_in} new rows (raw v{self.raw_version} → curated v{self.curated_version}), "
+                f"{self.duplicates} exact duplicates dropped{extra}, {self.rows_out} rows out → {self.curated}")
+
+# %% ../nbs/01_curate.ipynb #cc1d2e3f
+def curate(settings: Settings | None = None,  # lake and S3 settings (default: the environment)
+           lake: Lake | None = None,  # the lake (default: settings.lake)
+           ) -> CurateReport:
+    "Clean the raw rows not seen before, MERGE them into `curated` (stamped `curated_at`), record the raw version."
+    settings = settings or get_settings()
+    lake = lake or Lake.from_settings(settings)
+    raw, cur = Table(lake, RAW_TABLE, settings), Table(lake, CURATED_TABLE, settings)
+    rv = raw.version()
+    if rv is None: read_raw(lake, settings=settings)  # raises, saying what to run
+    since = last_raw_version(cur)
+    new = unseen_raw(raw, cur, since) if since != rv else pd.DataFrame({c: [] for c in RAW_COLUMNS})
+    if new.empty: return CurateReport(0, 0, 0, 0, cur.uri, rv, cur.version())
+    df, conflicts = curate_frame(new)
+    if len(conflicts):
+        lake.write_bytes(f"{CONFLICTS}/raw-v{rv}.conflicts.csv", conflicts.to_csv(index=False).encode())
+    df["curated_at"] = pd.Series(pd.Timestamp.now(tz="UTC").floor("ms"), index=df.index).astype("datetime64[us, UTC]")
+    out = {"version": cur.version(), "inserted": 0}
+    if len(df): out = cur.merge(df[CURATED_COLUMNS], key="message_id", meta={"raw_version": rv, "rows_in": len(new)})
+    return CurateReport(len(new), len(new) - len(df) - len(conflicts), len(conflicts), out["inserted"], cur.uri, rv,
+                        out["version"])
 
 
-def read_curated(lake: Lake) -> pd.DataFrame:
-    "The curated messages (message_id, label, text, clean_text)."
-    return lake.read_parquet(CURATED)
+def read_curated(lake: Lake, version: int | None = None, settings: Settings | None = None) -> pd.DataFrame:
+    "The curated messages (at `version`): message_id, label, text, clean_text, batch_id, curated_at."
+    cur = Table(lake, CURATED_TABLE, settings)
+    if version is None and not cur.exists():
+        hint = " (this lake has the old layout: run `spam-mlops lake upgrade`)" if lake.exists(CURATED) else ""
+        raise CurateError(f"no curated table at {cur.uri}: run `spam-mlops curate` first{hint}")
+    return cur.read(version).sort_values(["curated_at", "message_id"], ignore_index=True)

@@ -281,14 +281,16 @@ def apply(settings: Settings | None = None) -> ApplyReport:
 @dataclass
 class MaterializeReport:
     "What `materialize` copied into the online store."
-    rows: int
+    rows: int  # messages whose feature rows fall in the window
     start: datetime
     end: datetime
     online_store: str
+    incremental: bool = True  # the window started at the end of the last run
 
     def __str__(self):
-        return (f"materialize: {self.rows} messages of {FEATURE_VIEW} ({self.start:%Y-%m-%d %H:%M:%S} → "
-                f"{self.end:%Y-%m-%d %H:%M:%S} UTC) → {self.online_store}")
+        what = "new rows (since the last run)" if self.incremental else "rows (full)"
+        return (f"materialize: {self.rows} {what} of {FEATURE_VIEW}, event times {self.start:%Y-%m-%d %H:%M:%S} → "
+                f"{self.end:%Y-%m-%d %H:%M:%S} UTC → {self.online_store}")
 
 
 def _registered_view(settings: Settings):
@@ -319,7 +321,7 @@ def materialize(settings: Settings | None = None, incremental: bool = True) -> M
     with _redis_block(settings), contextlib.redirect_stdout(io.StringIO()):  # Feast prints progress bars
         if incremental: store.materialize_incremental(end_date=end)
         else: store.materialize(start_date=start, end_date=end)
-    return MaterializeReport(int(rows), start, end, _online_store_name(settings))
+    return MaterializeReport(int(rows), start, end, _online_store_name(settings), incremental)
 
 # %% ../nbs/03_feature_store.ipynb #56297014
 def _why_missing(settings: Settings, missing: pd.DataFrame) -> str:

@@ -3,8 +3,13 @@
 `compute_features` turns a batch of raw message texts into numeric features; serving calls the very same
 function on one incoming message (`message_features`), so training and serving can never disagree.
 Features are computed on the raw text (case, digits and punctuation are signal). The stage writes
-`features/nlp_features.parquet` with `message_id` and `event_timestamp` (the ingest time from the raw
-manifest, so reruns write identical rows) for the Feast feature view `message_features`.
+`features/nlp_features.parquet` (message_id, event_timestamp, the features) for the Feast feature view
+`message_features`: Feast's file offline store reads Parquet, not Delta, so this file stays Parquet, derived from
+a stated version of the `curated` table (`features/manifest.json`). It is incremental: only the curated rows not
+yet in the file are computed, and the file is rewritten as old rows + new rows. Each row's `event_timestamp` is
+its arrival time in `curated` (`curated_at`), not one time for all: Feast's `materialize-incremental` starts at
+the end of the last run (feast#4133), so a row appended later with an older time would never reach the online
+store.
 
 Docs: https://spam-mlops.github.io/spam_mlops/features.html.md"""
 
@@ -21,16 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import Settings, get_settings
-from .curate import EMAIL_RE, MONEY_RE, PHONE_RE, URL_RE, map_chunks, read_curated, to_arrow
-from .ingest import MANIFEST
+from .curate import CURATED_TABLE, EMAIL_RE, MONEY_RE, PHONE_RE, URL_RE, map_chunks, read_curated, to_arrow
 from .lake import Lake
+from .tables import Table
 
 # %% auto #0
-__all__ = ['FEATURES', 'FEATURE_TYPES', 'DIGIT', 'UPPER', 'LETTER', 'SPACE', 'compute_features', 'message_features',
-           'FeaturesReport', 'build_features', 'features', 'read_features']
+__all__ = ['FEATURES', 'FEATURES_MANIFEST', 'FEATURE_TYPES', 'DIGIT', 'UPPER', 'LETTER', 'SPACE', 'compute_features',
+           'message_features', 'FeaturesReport', 'build_features', 'features', 'read_features']
 
 # %% ../nbs/02_features.ipynb #66509a69
 FEATURES = "features/nlp_features.parquet"
+FEATURES_MANIFEST = "features/manifest.json"  # the curated version the Parquet was derived from
 
 # name → Feast/Arrow type; the feature view and the schema checks read this
 FEATURE_TYPES = {
@@ -107,29 +113,52 @@ def message_features(text: str) -> dict:
 # %% ../nbs/02_features.ipynb #31c6d94a
 @dataclass
 class FeaturesReport:
-    "Rows written by the features stage."
+    "What the features stage added, and the curated version the file now states."
+    rows_new: int
     rows: int
+    curated_version: int | None
     features: str
 
-    def __str__(self): return f"features: {self.rows} rows × {len(FEATURE_TYPES)} features → {self.features}"
+    def __str__(self):
+        return (f"features: {self.rows_new} new rows from curated v{self.curated_version}; "
+                f"{self.rows} rows × {len(FEATURE_TYPES)} features → {self.features}")
 
 
-def build_features(curated: pd.DataFrame, event_timestamp) -> pd.DataFrame:
+def build_features(curated: pd.DataFrame,  # message_id, text and (unless event_timestamp is given) curated_at
+                   event_timestamp=None,  # one time for every row; None: each row's curated_at
+                   ) -> pd.DataFrame:
     "The features table: message_id, event_timestamp, then every feature."
     f = compute_features(curated.text)
-    ts = pd.Timestamp(event_timestamp)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    f.insert(0, "event_timestamp", pd.Series(ts, index=f.index).astype("datetime64[us, UTC]"))
+    if event_timestamp is None: ts = pd.to_datetime(curated.curated_at, utc=True)
+    else:
+        t = pd.Timestamp(event_timestamp)
+        ts = pd.Series(t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC"), index=curated.index)
+    f.insert(0, "event_timestamp", ts.astype("datetime64[us, UTC]"))
     f.insert(0, "message_id", curated.message_id.values)
     return f.reset_index(drop=True)
 
-
-def features(settings: Settings | None = None, lake: Lake | None = None) -> FeaturesReport:
-    "Read `curated/`, compute features, write `features/nlp_features.parquet`."
-    lake = lake or Lake.from_settings(settings or get_settings())
-    ts = lake.read_json(MANIFEST)["ingested_at"]
-    table = build_features(read_curated(lake), ts)
-    return FeaturesReport(len(table), lake.write_parquet(FEATURES, table))
+# %% ../nbs/02_features.ipynb #e1f2a3b4
+def features(settings: Settings | None = None,  # lake and S3 settings (default: the environment)
+             lake: Lake | None = None,  # the lake (default: settings.lake)
+             full: bool = False,  # recompute every row (after a change to the feature code)
+             ) -> FeaturesReport:
+    "Features of the curated rows not yet in the Parquet; write it as old + new rows, stating the curated version."
+    settings = settings or get_settings()
+    lake = lake or Lake.from_settings(settings)
+    version = Table(lake, CURATED_TABLE, settings).version()
+    if version is None: read_curated(lake, settings=settings)  # raises, saying what to run
+    have = lake.exists(FEATURES) and not full
+    stated = lake.read_json(FEATURES_MANIFEST) if have and lake.exists(FEATURES_MANIFEST) else {}
+    if stated.get("curated_version") == version:
+        return FeaturesReport(0, stated["rows"], version, lake.url(FEATURES))
+    old = read_features(lake) if have else None
+    cur = read_curated(lake, version, settings)
+    new = cur if old is None else cur[~cur.message_id.isin(old.message_id)]
+    table = build_features(new) if old is None else pd.concat([old, build_features(new)], ignore_index=True)
+    if old is None or len(new): lake.write_parquet(FEATURES, table)
+    lake.write_json(FEATURES_MANIFEST, {"curated_version": version, "rows": len(table), "rows_new": len(new),
+                                        "written_at": pd.Timestamp.now(tz="UTC").isoformat()})
+    return FeaturesReport(len(new), len(table), version, lake.url(FEATURES))
 
 
 def read_features(lake: Lake) -> pd.DataFrame:

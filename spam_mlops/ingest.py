@@ -1,12 +1,16 @@
-"""Fetch the SMS Spam Collection, validate every line, and write `raw/` with a manifest and `quarantine/`.
+"""Validate a batch of messages (a file, URL, s3:// object, or each new file of a landing prefix) and merge it into `raw`.
 
-First stage of the pipeline. The source is a local path, an `http(s)` URL (the UCI zip: downloaded with a
-timeout and retries, extracted and verified) or an `s3://` URI. Each line must be `label<TAB>text` with
-exactly one tab, a label in {ham, spam} and non-empty UTF-8 text; lines are split by hand, never through a
-CSV reader, because texts contain `"` and CSV quoting would silently merge lines. Accepted rows go to
-`raw/sms_spam.csv` with a stable `message_id` (a hash of the text); refused lines go to
-`quarantine/sms_spam.refused.csv` with their line number and reason; `raw/manifest.json` records source,
-checksums and counts. Rerunning on the same input changes nothing.
+First stage of the pipeline, and the way new data enters the lake. A SOURCE is a local file, an `http(s)` URL
+(the UCI zip: downloaded with a timeout and retries, extracted and verified against its checksum), an `s3://`
+object, or a landing prefix (a folder, or `s3://bucket/prefix/` ending in `/`) whose files not yet taken are
+each ingested once. Each file is one batch, named by its content: `b-` and 12 hex digits of its sha256, so
+ingesting the same bytes again changes nothing and says so. Each line must be `label<TAB>text` with exactly one
+tab, a label in {ham, spam} and non-empty UTF-8 text; lines are split by hand, never through a CSV reader,
+because texts contain `"` and CSV quoting would silently merge lines. Accepted rows are MERGEd into the Delta
+table `raw` by `message_id` (a hash of the text), insert-only: a message already in the lake keeps its first
+batch, and a text that comes with the other label is refused as a conflict, never silently resolved. Refused
+lines go to `quarantine/ingest/<batch_id>.refused.csv` with their line number and reason; the table `batches`
+records each batch (source, sha256, counts, time and the raw version its commit made).
 
 Docs: https://spam-mlops.github.io/spam_mlops/ingest.html.md"""
 
@@ -18,26 +22,30 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import requests
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 from tqdm.auto import tqdm
 
 from .config import Settings, SpamMlopsError, get_settings
 from .lake import Lake, s3_filesystem
+from .tables import Table
 
 # %% auto #0
-__all__ = ['RAW_CSV', 'MANIFEST', 'QUARANTINE', 'LABELS', 'IngestError', 'message_id', 'fetch_source', 'parse_lines',
-           'IngestReport', 'ingest', 'read_raw']
+__all__ = ['RAW_TABLE', 'BATCHES_TABLE', 'RAW_COLUMNS', 'QUARANTINE', 'MANIFEST', 'RAW_CSV', 'LABELS', 'IngestError',
+           'message_id', 'batch_id', 'fetch_source', 'is_landing', 'landing_files', 'parse_lines', 'split_conflicts',
+           'IngestReport', 'ingest_batch', 'LandingReport', 'ingest_landing', 'ingest', 'read_raw']
 
 # %% ../nbs/00_ingest.ipynb #edebec92
-RAW_CSV = "raw/sms_spam.csv"
-MANIFEST = "raw/manifest.json"
-QUARANTINE = "quarantine/sms_spam.refused.csv"
+RAW_TABLE, BATCHES_TABLE = "raw", "batches"  # tables (spam_mlops.tables): one row per message, one per batch
+RAW_COLUMNS = ["message_id", "label", "text", "batch_id", "source", "line", "ingested_at"]
+QUARANTINE = "quarantine/ingest"  # <batch_id>.refused.csv: the refused lines of a batch, with their reasons
+MANIFEST = "raw/manifest.json"  # the report of the last batch that was written, for readers of the old layout
+RAW_CSV = "raw/sms_spam.csv"  # the layout before tables: read only by `spam-mlops lake upgrade`
 LABELS = ("ham", "spam")
 
 
@@ -48,6 +56,11 @@ class IngestError(SpamMlopsError):
 def message_id(text: str) -> str:
     "Stable id of a message: 16 hex digits of a BLAKE2b hash of its text."
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def batch_id(sha256: str) -> str:
+    "The id of a batch: `b-` and the first 12 hex digits of the sha256 of its bytes."
+    return f"b-{sha256[:12]}"
 
 # %% ../nbs/00_ingest.ipynb #44468abe
 class _Retryable(Exception): pass
@@ -98,6 +111,31 @@ def fetch_source(source: str, settings: Settings | None = None, timeout: float =
         data = p.read_bytes()
     return _extract(data) if data[:4] == b"PK\x03\x04" else data
 
+# %% ../nbs/00_ingest.ipynb #c2d3e4f5
+def _local(source: str) -> Path:
+    return Path(source[7:] if source.startswith("file://") else source).expanduser()
+
+
+def is_landing(source: str) -> bool:
+    "Whether `source` is a landing prefix: `s3://bucket/prefix/`, or a local folder (or a path ending in `/`)."
+    if source.startswith(("http://", "https://")): return False
+    if source.startswith("s3://"): return source.endswith("/")
+    return source.endswith("/") or _local(source).is_dir()
+
+
+def landing_files(prefix: str, settings: Settings | None = None) -> list[str]:
+    "The files under a landing prefix as source URIs, sorted; hidden files (names starting with `.`) left out."
+    if prefix.startswith("s3://"):
+        selector = pafs.FileSelector(prefix[5:].rstrip("/"), allow_not_found=True, recursive=True)
+        try: infos = s3_filesystem(settings or get_settings()).get_file_info(selector)
+        except OSError as e: raise IngestError(f"cannot list {prefix}: {e}") from e
+        paths = [f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File]
+    else:
+        root = _local(prefix)
+        if not root.is_dir(): raise IngestError(f"landing folder not found: {root}")
+        paths = [str(p) for p in root.rglob("*") if p.is_file()]
+    return sorted(p for p in paths if not any(part.startswith(".") for part in p.split("/")[-1:]))
+
 # %% ../nbs/00_ingest.ipynb #f50d7b39
 def _check(raw: bytes) -> tuple[str | None, str | None, str | None]:
     "(label, text, None) for a valid line, else (None, None, reason)."
@@ -125,52 +163,151 @@ def parse_lines(data: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (pd.DataFrame(ok, columns=["line", "message_id", "label", "text"]),
             pd.DataFrame(bad, columns=["line", "reason", "content"]))
 
+# %% ../nbs/00_ingest.ipynb #f5a6b7c8
+def split_conflicts(accepted: pd.DataFrame,  # parse_lines' accepted rows: line, message_id, label, text
+                    known: pd.DataFrame,  # message_id, label, batch_id of the messages already in the lake
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The rows to merge (first line of each message) and the refused conflicts (line, reason, content)."
+    mixed = accepted.groupby("message_id").label.transform("nunique") > 1
+    first = (known.drop_duplicates("message_id").set_index("message_id") if len(known)
+             else pd.DataFrame({"label": [], "batch_id": []}))
+    before = accepted.message_id.map(first.label)
+    other = before.notna() & (before != accepted.label)
+    lines = accepted[mixed].groupby("message_id").line.agg(lambda s: ", ".join(map(str, s)))
+    where = first.batch_id
+    reason = pd.Series("", index=accepted.index, dtype=object)
+    reason[other] = [f"label conflict: the same text is {lab_} in batch {where[m]}" for m, lab_ in
+                     zip(accepted.message_id[other], before[other])]
+    reason[mixed & ~other] = [f"label conflict: the same text has both labels on lines {lines[m]}"
+                              for m in accepted.message_id[mixed & ~other]]
+    bad = mixed | other
+    refused = pd.DataFrame({"line": accepted.line[bad], "reason": reason[bad],
+                            "content": accepted.label[bad] + "\t" + accepted.text[bad]})
+    return accepted[~bad].drop_duplicates("message_id").reset_index(drop=True), refused.reset_index(drop=True)
+
 # %% ../nbs/00_ingest.ipynb #adfd4154
 @dataclass
 class IngestReport:
-    "What an ingest run read, accepted and refused, and where it wrote."
+    "What one batch brought: lines read, accepted, refused, messages new to the lake, and the raw version."
     source: str
     source_sha256: str
+    batch_id: str
     rows_read: int
     rows_accepted: int
     rows_refused: int
-    raw: str
+    rows_new: int
+    raw_version: int | None
     quarantine: str | None
     ingested_at: str
     unchanged: bool = False
 
     def __str__(self):
-        state = "unchanged, nothing written" if self.unchanged else f"wrote {self.raw}"
-        return (f"ingest: {self.rows_read} lines read, {self.rows_accepted} accepted, "
-                f"{self.rows_refused} refused{f' (see {self.quarantine})' if self.rows_refused else ''}; {state}")
+        if self.unchanged:
+            return (f"ingest: 0 new rows: {self.source} is batch {self.batch_id}, already ingested "
+                    f"(same sha256; raw v{self.raw_version}); nothing written")
+        refused = f" (see {self.quarantine})" if self.rows_refused else ""
+        return (f"ingest {self.batch_id}: {self.rows_read} lines read, {self.rows_accepted} accepted, "
+                f"{self.rows_refused} refused{refused}; {self.rows_new} new rows, "
+                f"{self.rows_accepted - self.rows_new} repeats of known messages → raw v{self.raw_version}")
+
+# %% ../nbs/00_ingest.ipynb #c1d2e3f4
+def _unchanged(done: pd.Series, source: str) -> IngestReport:
+    "The report of a batch `batches` already holds."
+    return IngestReport(source, done.source_sha256, done.batch_id, int(done.rows_read), int(done.rows_accepted),
+                        int(done.rows_refused), 0, int(done.raw_version), None, done.ingested_at.isoformat(), True)
+
+
+def _batch_row(r: IngestReport) -> pd.DataFrame:
+    "The batch's row of the `batches` table."
+    row = {k: getattr(r, k) for k in ("batch_id", "source", "source_sha256", "rows_read", "rows_accepted",
+                                      "rows_refused", "rows_new", "ingested_at", "raw_version")}
+    return pd.DataFrame([row]).astype({"ingested_at": "datetime64[us, UTC]", "raw_version": "int64"})
 
 # %% ../nbs/00_ingest.ipynb #cd3e4f50
-def ingest(settings: Settings | None = None, source: str | None = None, lake: Lake | None = None) -> IngestReport:
-    "Fetch, verify and validate the corpus; write `raw/`, `quarantine/` and the manifest."
+def ingest_batch(data: bytes,  # the batch's bytes (a zip already extracted)
+                 source: str,  # where they came from (recorded in `raw` and `batches`)
+                 settings: Settings | None = None,  # lake and S3 settings (default: the environment)
+                 lake: Lake | None = None,  # the lake (default: settings.lake)
+                 expected_sha256: str | None = None,  # refuse the batch unless its sha256 is this
+                 ) -> IngestReport:
+    "Validate one batch, MERGE its new messages into `raw`, record it in `batches`; a known sha256 is a no-op."
+    settings = settings or get_settings()
+    lake = lake or Lake.from_settings(settings)
+    sha = hashlib.sha256(data).hexdigest()
+    if expected_sha256 and sha != expected_sha256:
+        raise IngestError(f"checksum mismatch for {source}: sha256 {sha}, expected {expected_sha256}")
+    bid, raw, batches = batch_id(sha), Table(lake, RAW_TABLE, settings), Table(lake, BATCHES_TABLE, settings)
+    done = batches.read(filters=[("source_sha256", "=", sha)]) if batches.exists() else pd.DataFrame()
+    if len(done): return _unchanged(done.iloc[0], source)
+    accepted, refused = parse_lines(data)
+    lines = len(accepted) + len(refused)
+    known = raw.read(columns=["message_id", "label", "batch_id"]) if raw.exists() else pd.DataFrame()
+    rows, clash = split_conflicts(accepted, known)
+    refused = pd.concat([refused, clash], ignore_index=True).sort_values("line", ignore_index=True)
+    quarantine = (lake.write_bytes(f"{QUARANTINE}/{bid}.refused.csv", refused.to_csv(index=False).encode())
+                  if len(refused) else None)
+    if accepted.empty: raise IngestError(f"no valid line in {source}: all {len(refused)} refused, see {quarantine}")
+    now = pd.Timestamp.now(tz="UTC").floor("ms")
+    rows = rows.assign(batch_id=bid, source=source, ingested_at=now).astype({"line": "int64"})[RAW_COLUMNS]
+    new, version = 0, raw.version()
+    if len(rows):
+        merged = raw.merge(rows, key="message_id", meta={"batch_id": bid, "source": source})
+        resumed = known.batch_id.eq(bid).sum() if len(known) else 0  # an earlier run stopped before `batches`
+        new, version = merged["inserted"] + int(resumed), merged["version"]
+    report = IngestReport(source, sha, bid, lines, len(accepted) - len(clash), len(refused), new, version, quarantine,
+                          now.isoformat())
+    batches.append(_batch_row(report), meta={"batch_id": bid, "source": source})
+    lake.write_json(MANIFEST, asdict(report))
+    return report
+
+# %% ../nbs/00_ingest.ipynb #a7b8c9d0
+@dataclass
+class LandingReport:
+    "What one pass over a landing prefix took."
+    prefix: str
+    batches: list[IngestReport]
+    skipped: int  # files already taken by an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # file → error
+
+    def __str__(self):
+        new = sum(b.rows_new for b in self.batches)
+        bad = "".join(f"\n  {f}: {e}" for f, e in self.failed.items())
+        return "\n".join([*map(str, self.batches), f"ingest: landing {self.prefix}: {len(self.batches)} new file(s), "
+                          f"{self.skipped} already taken, {len(self.failed)} failed; {new} new rows{bad}"])
+
+
+def ingest_landing(prefix: str, settings: Settings | None = None, lake: Lake | None = None) -> LandingReport:
+    "Ingest, in name order, each file of the landing `prefix` whose URI `batches` does not hold yet."
+    settings = settings or get_settings()
+    lake = lake or Lake.from_settings(settings)
+    batches = Table(lake, BATCHES_TABLE, settings)
+    taken = set(batches.read(columns=["source"]).source) if batches.exists() else set()
+    files = landing_files(prefix, settings)
+    report = LandingReport(prefix, [], sum(f in taken for f in files))
+    for f in tqdm([f for f in files if f not in taken], desc="landing", unit="file", leave=False):
+        try: report.batches.append(ingest_batch(fetch_source(f, settings), f, settings, lake))
+        except IngestError as e: report.failed[f] = str(e)
+    if report.failed: raise IngestError(str(report))
+    return report
+
+# %% ../nbs/00_ingest.ipynb #e5f6a7b8
+def ingest(settings: Settings | None = None,  # lake, source and S3 settings (default: the environment)
+           source: str | None = None,  # a file, http(s) URL, s3:// object or landing prefix (default: settings.source)
+           lake: Lake | None = None,  # the lake (default: settings.lake)
+           ) -> IngestReport | LandingReport:
+    "Ingest SOURCE: one batch, or each new file of a landing prefix."
     settings = settings or get_settings()
     source = source or settings.source
     lake = lake or Lake.from_settings(settings)
-    data = fetch_source(source, settings)
-    sha = hashlib.sha256(data).hexdigest()
+    if is_landing(source): return ingest_landing(source, settings, lake)
     expected = settings.expected_source_sha256 if source == settings.source else None
-    if expected and sha != expected:
-        raise IngestError(f"checksum mismatch for {source}: sha256 {sha}, expected {expected}")
-    if lake.exists(MANIFEST) and lake.exists(RAW_CSV):
-        old = lake.read_json(MANIFEST)
-        if old.get("source_sha256") == sha:
-            kept = {k: old[k] for k in IngestReport.__dataclass_fields__ if k in old and k != "unchanged"}
-            return IngestReport(**kept, unchanged=True)
-    accepted, refused = parse_lines(data)
-    quarantine = lake.write_bytes(QUARANTINE, refused.to_csv(index=False).encode()) if len(refused) else None
-    if accepted.empty:
-        raise IngestError(f"no valid line in {source}: all {len(refused)} refused, see {quarantine}")
-    raw = lake.write_bytes(RAW_CSV, accepted[["message_id", "label", "text"]].to_csv(index=False).encode())
-    report = IngestReport(source, sha, len(accepted) + len(refused), len(accepted), len(refused), raw, quarantine,
-                          datetime.now(UTC).isoformat(timespec="seconds"))
-    lake.write_json(MANIFEST, asdict(report) | {"raw_sha256": hashlib.sha256(lake.read_bytes(RAW_CSV)).hexdigest()})
-    return report
+    return ingest_batch(fetch_source(source, settings), source, settings, lake, expected)
 
 
-def read_raw(lake: Lake) -> pd.DataFrame:
-    "The ingested rows (message_id, label, text) from `raw/sms_spam.csv`."
-    return pd.read_csv(io.BytesIO(lake.read_bytes(RAW_CSV)), dtype=str, keep_default_na=False)
+def read_raw(lake: Lake, version: int | None = None, settings: Settings | None = None) -> pd.DataFrame:
+    "The messages of the `raw` table (at `version`), in arrival order: batch time, then line."
+    raw = Table(lake, RAW_TABLE, settings)
+    if version is None and not raw.exists():
+        hint = " (this lake has the old layout: run `spam-mlops lake upgrade`)" if lake.exists(RAW_CSV) else ""
+        raise IngestError(f"raw table not found at {raw.uri}: run `spam-mlops ingest` first{hint}")
+    return raw.read(version).sort_values(["ingested_at", "line"], ignore_index=True)[RAW_COLUMNS]

@@ -1,4 +1,5 @@
-"""The first three stages end to end on a local lake, and every kind of bad input the ingest issue lists."""
+"""The first three stages end to end on a local lake (the UCI corpus as the first batch), and every kind of bad input
+the ingest issue lists. Later batches, landing prefixes and S3: tests/data/test_incremental.py."""
 from __future__ import annotations
 
 import hashlib
@@ -13,32 +14,54 @@ import pandas as pd
 import pytest
 
 from spam_mlops.config import ConfigError, get_settings
-from spam_mlops.curate import CURATED, read_curated
-from spam_mlops.features import FEATURE_TYPES, FEATURES, compute_features, read_features
-from spam_mlops.ingest import MANIFEST, QUARANTINE, RAW_CSV, IngestError, ingest, message_id, read_raw
+from spam_mlops.curate import CURATED, CURATED_COLUMNS, read_curated
+from spam_mlops.features import FEATURE_TYPES, FEATURES, FEATURES_MANIFEST, compute_features, read_features
+from spam_mlops.ingest import (
+    BATCHES_TABLE,
+    MANIFEST,
+    QUARANTINE,
+    RAW_COLUMNS,
+    RAW_TABLE,
+    IngestError,
+    batch_id,
+    ingest,
+    message_id,
+    read_raw,
+)
 from spam_mlops.lake import Lake, LakeError
+from spam_mlops.tables import Table, TableError
 
 
 def test_pipeline_counts(pipeline_lake, corpus):
     lake = Lake.from_settings(pipeline_lake)
     raw, cur, feat = read_raw(lake), read_curated(lake), read_features(lake)
-    assert len(raw) == 5574 and raw.label.value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    # raw holds each message once (the 403 repeated lines add nothing): 5171 messages
+    assert len(raw) == 5171 and raw.label.value_counts().to_dict() == {"ham": 4518, "spam": 653}
+    assert list(raw.columns) == RAW_COLUMNS and raw.message_id.is_unique
     assert len(cur) == 5171 and cur.message_id.is_unique
-    assert list(cur.columns) == ["message_id", "label", "text", "clean_text"]
+    assert list(cur.columns) == CURATED_COLUMNS
     assert len(feat) == len(cur) and set(feat.message_id) == set(cur.message_id)
     assert list(feat.columns) == ["message_id", "event_timestamp", *FEATURE_TYPES]
-    man = lake.read_json(MANIFEST)
-    assert man["source_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
-    assert (man["rows_read"], man["rows_accepted"], man["rows_refused"]) == (5574, 5574, 0)
-    assert not lake.exists(QUARANTINE)
+    sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    (batch,) = Table(lake, BATCHES_TABLE, pipeline_lake).read().itertuples()
+    assert (batch.batch_id, batch.source_sha256, batch.source) == (batch_id(sha), sha, str(corpus))
+    assert (batch.rows_read, batch.rows_accepted, batch.rows_refused, batch.rows_new, batch.raw_version) == \
+        (5574, 5574, 0, 5171, 0)
+    assert set(raw.batch_id) == set(cur.batch_id) == {batch.batch_id}
+    assert lake.read_json(MANIFEST)["source_sha256"] == sha
+    assert lake.read_json(FEATURES_MANIFEST)["curated_version"] == Table(lake, "curated", pipeline_lake).version()
+    assert (feat.event_timestamp.to_numpy() == cur.set_index("message_id").curated_at[feat.message_id].to_numpy()).all()
+    assert lake.list(QUARANTINE) == []
 
 
 def test_raw_roundtrip_keeps_every_text(pipeline_lake, corpus):
-    "Quoting off: no line is merged or altered on the way into raw/."
-    texts = [line.split("\t", 1)[1] for line in corpus.read_text("utf-8").splitlines()]
+    "Quoting off: no line is merged or altered on the way into raw; each message keeps its first line."
+    first: dict[str, int] = {}
+    for n, line in enumerate(corpus.read_text("utf-8").splitlines(), start=1):
+        first.setdefault(line.split("\t", 1)[1], n)
     raw = read_raw(Lake.from_settings(pipeline_lake))
-    assert raw.text.tolist() == texts
-    assert raw.message_id.tolist() == [message_id(t) for t in texts]
+    assert raw.text.tolist() == list(first) and raw.line.tolist() == list(first.values())
+    assert raw.message_id.tolist() == [message_id(t) for t in first]
 
 
 def test_features_match_single_message_path(pipeline_lake):
@@ -51,9 +74,12 @@ def test_features_match_single_message_path(pipeline_lake):
 
 def test_rerun_is_idempotent(pipeline_lake):
     lake = Lake.from_settings(pipeline_lake)
-    before = {p: lake.read_bytes(p) for p in (RAW_CSV, MANIFEST)}
-    assert ingest(pipeline_lake).unchanged
-    assert {p: lake.read_bytes(p) for p in before} == before
+    versions = {t: Table(lake, t, pipeline_lake).version() for t in (RAW_TABLE, BATCHES_TABLE)}
+    before = lake.read_bytes(MANIFEST)
+    r = ingest(pipeline_lake)
+    assert r.unchanged and str(r).startswith("ingest: 0 new rows")
+    assert {t: Table(lake, t, pipeline_lake).version() for t in versions} == versions
+    assert lake.read_bytes(MANIFEST) == before
 
 
 def _settings(tmp_path, data: bytes, **kw):
@@ -70,7 +96,7 @@ def test_bad_lines_are_quarantined_with_reason(tmp_path, line, reason):
     s = _settings(tmp_path, b"ham\tfine\n" + line + b"\nspam\tWIN now\n")
     r = ingest(s)
     assert (r.rows_read, r.rows_accepted, r.rows_refused) == (3, 2, 1)
-    q = pd.read_csv(io.BytesIO(Lake.from_settings(s).read_bytes(QUARANTINE)))
+    q = pd.read_csv(io.BytesIO(Lake.from_settings(s).read_bytes(f"{QUARANTINE}/{r.batch_id}.refused.csv")))
     assert q.line.tolist() == [2] and reason in q.reason[0]
 
 
@@ -104,7 +130,7 @@ def test_lake_without_write_permission(tmp_path, corpus):
             blocker = tmp_path / "file"
             blocker.write_text("x")
             ro = blocker / "lake"
-        with pytest.raises(LakeError, match="cannot write"):
+        with pytest.raises(TableError, match="tables/raw: cannot append"):  # the raw table's first commit
             ingest(get_settings(lake=str(ro), source=str(corpus)))
     finally:
         (tmp_path / "ro").chmod(0o700)
