@@ -73,7 +73,7 @@ def test_health_ready_docs(server):
     r = requests.get(f"{server['url']}/readyz").json()
     assert r["status"] == "ready" and r["model_version"] == server["version"]
     assert requests.get(f"{server['url']}/docs").status_code == 200
-    assert "/api/predict/batch" in requests.get(f"{server['url']}/openapi.json").json()["paths"]
+    assert {"/api/predict/batch", "/api/feedback"} <= set(requests.get(f"{server['url']}/openapi.json").json()["paths"])
 
 
 def test_known_spam_and_ham(server):
@@ -86,6 +86,8 @@ def test_known_spam_and_ham(server):
         assert r.status_code == 200 and r.json()["prediction"] == "ham", (text, r.text)
     r = requests.post(f"{server['url']}/api/predict/batch", json={"texts": SPAM + HAM}, headers=H, timeout=10)
     assert [p["prediction"] for p in r.json()["predictions"]] == ["spam"] * 3 + ["ham"] * 3
+    ids = [(p["request_id"], p["prediction_id"]) for p in r.json()["predictions"]]
+    assert len({i[0] for i in ids}) == 1 and len({i[1] for i in ids}) == 6  # one call, one answer id per text
 
 
 def test_roadmap_curl(server):
@@ -185,17 +187,18 @@ def test_new_champion_picked_up_under_load(server):
 
 
 def _logged(server) -> pd.DataFrame:
+    "The prediction log: the lake's `predictions` table."
     from spam_mlops.lake import Lake
-    lake = Lake.from_settings(server["settings"])
-    files = [f for f in lake.list("predictions/") if f.endswith(".parquet")]
-    return pd.concat([lake.read_parquet(f) for f in files]) if files else pd.DataFrame()
+    from spam_mlops.tables import Table
+    return Table(Lake.from_settings(server["settings"]), "predictions").read()
 
 
 def test_prediction_log_lands_in_lake(server):
     from spam_mlops.features import FEATURE_TYPES
     from spam_mlops.ingest import message_id
     marker = f"Call 09061701461 to claim your prize {time.time()}"
-    assert _predict(server["url"], marker).status_code == 200
+    answer = _predict(server["url"], marker)
+    assert answer.status_code == 200
     end = time.time() + 30
     while time.time() < end:
         df = _logged(server)
@@ -205,6 +208,9 @@ def test_prediction_log_lands_in_lake(server):
     assert row.message_id == message_id(marker) and row.has_phone and row.model_version == server["version"]
     assert set(FEATURE_TYPES) <= set(df.columns) and str(df.timestamp.dtype) == "datetime64[us, UTC]"
     assert row.prediction in ("spam", "ham") and 0 <= row.spam_probability <= 1 and len(row.text_sha256) == 64
+    from spam_mlops.predlog import key_fingerprint
+    assert row.prediction_id == answer.json()["prediction_id"] and row.dt == f"{row.timestamp:%Y-%m-%d}"
+    assert row.api_key_id == key_fingerprint(KEY.encode())  # a key without a name: its fingerprint
 
 
 def test_schemathesis_fuzz_no_server_error(server):

@@ -230,8 +230,9 @@ def test_audit_log(api, registry):
     lake = Lake.from_settings(get_settings(lake=api["cfg"].lake))
 
     def logged():
-        files = [f for f in lake.list("predictions/") if f.endswith(".parquet")]
-        return any("client-req-0001" in set(lake.read_parquet(f).request_id) for f in files)
+        from spam_mlops.tables import Table
+        t = Table(lake, "predictions").read(columns=["request_id"])
+        return len(t) > 0 and "client-req-0001" in set(t.request_id)
     wait_until(logged, 30, "prediction log row with the client's request id")
 
 
