@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 
 from spam_mlops.config import get_settings
-from spam_mlops.curate import CURATED
-from spam_mlops.features import FEATURES, features, read_features
+from spam_mlops.curate import CURATED_TABLE, read_curated
+from spam_mlops.features import FEATURES, FEATURES_MANIFEST, features, read_features
 from spam_mlops.ingest import message_id
 from spam_mlops.lake import Lake
+from spam_mlops.tables import Table
 
 CLI = str(Path(sys.executable).parent / "spam-mlops")
 
@@ -27,11 +28,10 @@ def big_lake(tmp_path, pipeline_lake):
     src = Lake.from_settings(pipeline_lake)
     s = get_settings(lake=str(tmp_path / "lake"))
     lake = Lake.from_settings(s)
-    cur = src.read_parquet(CURATED).sample(400_000, replace=True, random_state=1).reset_index(drop=True)
+    cur = read_curated(src).sample(400_000, replace=True, random_state=1).reset_index(drop=True)
     cur["text"] = cur.text + " #" + cur.index.astype(str)
     cur["message_id"] = [message_id(t) for t in cur.text]
-    lake.write_parquet(CURATED, cur)
-    lake.write_bytes("raw/manifest.json", src.read_bytes("raw/manifest.json"))
+    Table(lake, CURATED_TABLE, s).append(cur)
     features(s)
     return s
 
@@ -42,7 +42,8 @@ def test_sigkill_mid_write_keeps_previous_version(big_lake):
     folder = Path(lake.path("features"))
     killed_mid_write = 0
     for _attempt in range(5):
-        proc = subprocess.Popen([CLI, "features"], env={**os.environ, "SPAM_MLOPS_LAKE": big_lake.lake},
+        # --full: every row again (a rerun alone has nothing new to write)
+        proc = subprocess.Popen([CLI, "features", "--full"], env={**os.environ, "SPAM_MLOPS_LAKE": big_lake.lake},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -54,11 +55,11 @@ def test_sigkill_mid_write_keeps_previous_version(big_lake):
         proc.wait(30)
         # whatever the moment of death, readers see the previous version, whole
         assert lake.read_bytes(FEATURES) == before
-        assert lake.list("features") == [FEATURES]
+        assert lake.list("features") == [FEATURES_MANIFEST, FEATURES]
         if killed_mid_write: break
     assert killed_mid_write, "never caught the stage mid-write"
-    r = subprocess.run([CLI, "features"], env={**os.environ, "SPAM_MLOPS_LAKE": big_lake.lake}, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([CLI, "features", "--full"], env={**os.environ, "SPAM_MLOPS_LAKE": big_lake.lake},
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert read_features(lake).equals(pd.read_parquet(folder / "nlp_features.parquet"))
     assert len(read_features(lake)) == 400_000

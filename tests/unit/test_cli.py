@@ -27,9 +27,12 @@ def lake_env(tmp_path, corpus):
 def test_stages_from_the_command_line(lake_env):
     out = [_cli(stage, env=lake_env) for stage in ("ingest", "curate", "features")]
     assert [r.returncode for r in out] == [0, 0, 0], [r.stderr for r in out]
-    assert "5574 accepted, 0 refused" in out[0].stdout
-    assert "5171 rows out" in out[1].stdout and "403 exact duplicates" in out[1].stdout
-    assert "5171 rows" in out[2].stdout
+    # the 403 repeated lines are one message each: ingest drops them, curate and features see 5171 messages
+    assert "5574 accepted, 0 refused; 5171 new rows, 403 repeats" in out[0].stdout
+    assert "5171 new rows (raw v0 → curated v0)" in out[1].stdout and "5171 rows out" in out[1].stdout
+    assert "5171 new rows from curated v0; 5171 rows" in out[2].stdout
+    again = [_cli(stage, env=lake_env) for stage in ("ingest", "curate", "features")]
+    assert all(r.returncode == 0 and "0 new rows" in r.stdout for r in again), [r.stdout for r in again]
 
 
 def test_papermill_runs_are_kept_in_the_lake(lake_env):
