@@ -32,6 +32,18 @@ for i in range(n):
     print(t.append(rows, meta={"writer": tag, "i": i}), flush=True)
 """
 
+# merges the same N batches of K keys into table NAME (as two ingests of one batch at once would)
+MERGER = """
+import sys
+import pandas as pd
+from spam_mlops.lake import Lake
+from spam_mlops.tables import table
+name, tag, n, k = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t = table(Lake.from_settings(), name)
+for i in range(n):
+    t.merge(pd.DataFrame({"message_id": [f"k{i}-{j}" for j in range(k)], "writer": tag}), meta={"writer": tag})
+"""
+
 
 @pytest.fixture(params=["local", "s3"])
 def settings(request, tmp_path, monkeypatch):
@@ -49,8 +61,8 @@ def _rows(ids, label="ham", at="2026-12-01 10:00"):
     return pd.DataFrame({"message_id": list(ids), "label": label, "ingested_at": pd.Timestamp(at, tz="UTC")})
 
 
-def _writer(name, tag, n, k):
-    return subprocess.Popen([sys.executable, "-c", WRITER, name, tag, str(n), str(k)], stdout=subprocess.PIPE,
+def _writer(name, tag, n, k, script=WRITER):
+    return subprocess.Popen([sys.executable, "-c", script, name, tag, str(n), str(k)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=os.environ.copy())
 
 
@@ -96,6 +108,17 @@ def test_two_writers_at_once_lose_no_commit(settings):
     assert t.version() == 2 * n - 1 and len(h) == 2 * n
     assert sorted((m["writer"], m["i"]) for m in h.meta) == sorted((w, i) for w in ("w1", "w2") for i in range(n))
     assert h.rows_total.tolist() == [k * (v + 1) for v in h.version]
+
+
+def test_two_merges_of_the_same_keys_insert_each_once(settings):
+    "Two processes merge the same new keys at once: a conflicting merge is retried, so no key is inserted twice."
+    table(Lake.from_settings(settings), "raw", settings).append(pd.DataFrame({"message_id": ["seed"], "writer": "-"}))
+    n, k = 10, 50
+    procs = [_writer("raw", tag, n, k, MERGER) for tag in ("m1", "m2")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    df = table(Lake.from_settings(settings), "raw", settings).read()
+    assert len(df) == 1 + n * k and df.message_id.is_unique
 
 
 def test_sigkill_mid_commit_keeps_a_consistent_version(settings):
