@@ -32,13 +32,14 @@ __all__ = ['DEFAULT_CONFIG', 'make_vectorizer', 'build_model', 'export_model', '
 
 # %% ../nbs/04a_model.ipynb #e76b40cf
 DEFAULT_CONFIG = dict(
-    max_tokens=4_000,  # vocabulary size (incl. padding and OOV): rarer words become OOV
+    max_tokens=4_000,  # vocabulary size (incl. padding and OOV): rarer words become OOV; 6k-20k were no better
     max_len=48,  # tokens kept per message
     embedding_dim=32, lstm_units=50,
     dropout=0.5,  # on the LSTM's inputs: the top of the tuning space; 0.1 overfit (test MCC 0.914-0.954 over 3 seeds)
     batch_size=32, learning_rate=1e-3,
     epochs=15, patience=3,  # early stopping on validation loss, best weights restored
     class_weight_power=0.5,  # loss weights (n / 2 n_c) ** power: 1 balanced, 0.5 softened, 0 none
+    feedback_weight=3.0,  # loss weight of train rows whose `source` is "feedback" (labels sent back to the API)
     seed=42,
 )
 
@@ -104,8 +105,17 @@ def _scaled_features(parts) -> dict[str, np.ndarray]:
     return {k: ((v - mu) / sd).astype("float32") for k, v in f.items()}
 
 # %% ../nbs/04a_model.ipynb #fde21812
-def prepare_data(parts: dict[str, pd.DataFrame],  # the train/val/test frames (clean_text, y)
-                 config: dict,  # max_len, max_tokens and class_weight_power are read
+def _row_weights(train: pd.DataFrame, y: np.ndarray, config: dict) -> np.ndarray:
+    "Per-row loss weights: the class weight of each row, times feedback_weight where `source` is 'feedback'."
+    cw = class_weights(y, float(config.get("class_weight_power", 1.0)))
+    w = np.where(y == 1, cw[1], cw[0])
+    if "source" in train:
+        w = w * np.where(train.source.astype(str).values == "feedback", float(config.get("feedback_weight", 1.0)), 1)
+    return w.astype("float32")
+
+
+def prepare_data(parts: dict[str, pd.DataFrame],  # the train/val/test frames (clean_text, y; optional source)
+                 config: dict,  # max_len, max_tokens, class_weight_power and feedback_weight are read
                  features: bool = False):  # also scale the message features
     "Token ids, labels and train weights of each split, the vocabulary (fitted on train) and, if asked, the features."
     import tensorflow as tf
@@ -114,8 +124,7 @@ def prepare_data(parts: dict[str, pd.DataFrame],  # the train/val/test frames (c
     for k, p in parts.items():
         data[f"x_{k}"] = vec(tf.constant(p.clean_text.astype(str).tolist())).numpy().astype("int64")
         data[f"y_{k}"] = p.y.values.astype("int64")
-    cw = class_weights(data["y_train"], float(config.get("class_weight_power", 1.0)))
-    data["w_train"] = np.where(data["y_train"] == 1, cw[1], cw[0]).astype("float32")
+    data["w_train"] = _row_weights(parts["train"], data["y_train"], config)
     if features: data |= {f"f_{k}": v for k, v in _scaled_features(parts).items()}
     return data
 
