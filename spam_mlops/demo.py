@@ -134,10 +134,10 @@ def simulate_traffic(
     model_uri: str | None = None,  # scoring model (default models:/<model_name>@champion)
     now: datetime | None = None,  # end of the hour the messages are spread over
 ) -> str:
-    "Log n held-out test-split messages (or foreign text), scored by the champion, to predictions/; returns the file."
+    "Log n held-out test-split messages (or foreign text), scored by the champion, to the prediction log; a summary."
     from spam_mlops import train as tr
     from spam_mlops.drift import resolve_model
-    from spam_mlops.predlog import PREDICTIONS, prediction_table
+    from spam_mlops.predlog import prediction_table, write_predictions
     from spam_mlops.retrain import keras_model
     settings = settings or get_settings()
     lake = Lake.from_settings(settings)
@@ -149,5 +149,4 @@ def simulate_traffic(
     ts = [now - timedelta(hours=1) + timedelta(seconds=3600 * i / n) for i in range(n)]
     table = prediction_table([(t, uuid.uuid4().hex, x, float(q), "spam" if q >= 0.5 else "ham", model["version"])
                               for t, x, q in zip(ts, texts, p, strict=True)])
-    key = f"{PREDICTIONS}/dt={now:%Y-%m-%d}/{now:%H%M%S}-demo-{uuid.uuid4().hex[:8]}.parquet"
-    return lake.write_parquet(key, table)
+    return f"{len(table)} rows appended to the prediction log (predictions table v{write_predictions(lake, table)})"
