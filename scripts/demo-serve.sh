@@ -8,7 +8,7 @@ BIN="${BIN:-.venv/bin}"
 PORT="${PORT:-8000}"
 METRICS_PORT="${METRICS_PORT:-8080}"
 LOG="${SERVE_LOG:-serve.log}"
-KEY="${DEMO_API_KEY:-demo-key-0123456789}"
+KEY="${DEMO_API_KEY:-demo-key-0123456789}"  # pragma: allowlist secret (a demo key on localhost)
 export SPAM_MLOPS_SERVE_API_KEYS="demo:$KEY"
 post() { curl -s -X POST "http://localhost:$PORT$1" -H "Content-Type: application/json" -H "X-API-Key: $KEY" -d "$2"; }
 

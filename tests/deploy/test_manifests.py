@@ -155,7 +155,7 @@ def test_serving_ingress_pdb_hpa(rendered):
         ing = objects(rendered[o], "Ingress")["spam-api"]
         rule = ing["spec"]["rules"][0]
         assert rule["host"] == "spam-api.local"
-        assert [p["path"] for p in rule["http"]["paths"]] == ["/api/predict"]
+        assert [p["path"] for p in rule["http"]["paths"]] == ["/api/predict", "/api/feedback"]
         assert objects(rendered[o], "PodDisruptionBudget")["spam-api"]["spec"]["selector"]["matchLabels"] == \
             {"app.kubernetes.io/name": "spam-api"}
         api = objects(rendered[o], "Deployment")["spam-api"]["spec"]["template"]["spec"]["containers"][0]
