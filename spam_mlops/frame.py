@@ -35,7 +35,7 @@ from .tables import Table
 
 # %% auto #0
 __all__ = ['FEEDBACK_SOURCE', 'TABLES', 'FRAME_COLUMNS', 'SPLIT_FRACTIONS', 'AS_OF_HELP', 'TrainError', 'training_rows',
-           'feedback_rows', 'cap_feedback', 'combine', 'split_of', 'split_frame', 'sample_frame', 'test_splits',
+           'feedback_rows', 'cap_feedback', 'combine', 'split_of', 'split_frame', 'sample_frame', 'split_recent',
            'frame_digest', 'label_mix', 'table_versions', 'versions_at', 'resolve_as_of', 'frame_lineage',
            'lineage_tags', 'log_lineage']
 
@@ -151,7 +151,7 @@ def sample_frame(df: pd.DataFrame, n: int | None, seed: int = 42) -> pd.DataFram
         part.reset_index(drop=True)
 
 
-def test_splits(test: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_recent(test: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     "The test split's corpus rows (the gate's fixed split) and its feedback rows (the recent split)."
     fb = (test.source == FEEDBACK_SOURCE).values if "source" in test else np.zeros(len(test), bool)
     return test[~fb].reset_index(drop=True), test[fb].reset_index(drop=True)

@@ -40,7 +40,7 @@ from .feature_store import FeatureStoreError, MissingFeaturesError, historical_f
 from .features import read_features
 from .frame import (FEEDBACK_SOURCE, SPLIT_FRACTIONS, TrainError, _table, cap_feedback, combine, feedback_rows,
                               frame_lineage, lineage_tags, log_lineage, resolve_as_of, sample_frame, split_frame,
-                              split_of, test_splits, versions_at)
+                              split_of, split_recent, versions_at)
 from .ingest import MANIFEST
 from .lake import Lake
 # the model's building blocks, re-exported: their old `spam_mlops.train.<name>` keeps working
@@ -375,7 +375,7 @@ def _log_inputs(settings, lake, c, sample_n, workers, gate: TrainSettings, featu
     if (versions or {}).get("digest"):  # a rebuild of a logged frame: is it the same frame?
         mlflow.set_tag("data.as_of_digest_matches", versions["digest"] == lineage["digest"])
     parts = split_frame(cap_feedback(sample_frame(df, sample_n, c["seed"]), gate.feedback_share_max))
-    recent = test_splits(parts["test"])[1]
+    recent = split_recent(parts["test"])[1]
     mlflow.log_params({f"rows_{k}": len(p) for k, p in parts.items()} | {"rows_recent_test": len(recent)}
                       | {f"spam_{k}": int(p.y.sum()) for k, p in parts.items()})
     return parts, lineage
@@ -412,7 +412,7 @@ def _fit_and_score(settings, run_id, c, parts, workers):
 def _register_and_gate(settings, run_id, served, vocabulary, c, parts, m, gate: TrainSettings, lineage: dict):
     "Log, register and tag (data.*) the served model, log its drift baseline, gate it; returns (version, gate)."
     import mlflow
-    test, recent = test_splits(parts["test"])
+    test, recent = split_recent(parts["test"])
     example = test.clean_text.head(3).astype(str).tolist()
     uri = log_served_model(served, vocabulary, c["max_len"], example)
     mlflow.set_tag("keras_model_uri", log_keras_flavour(served, example))

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spam_mlops import registry
 from spam_mlops.config import get_settings
 from spam_mlops.curate import clean_text, read_curated
 from spam_mlops.feature_store import apply
@@ -300,9 +301,13 @@ def test_gate_rules(pipeline_lake, tracking):
     v = client.get_model_version_by_alias(s.model_name, "champion").version
     test = split_frame(sample_frame(training_frame(s, source="lake"), 600))["test"]
     low_recall = promote(client, s.model_name, v, {"mcc": 1.0, "recall": 0.5}, test, recall_floor=0.9)
-    assert low_recall["decision"] == "rejected: spam recall below floor"
-    not_better = promote(client, s.model_name, v, {"mcc": -1.0, "recall": 1.0}, test)
-    assert not_better["decision"] == "rejected: champion MCC not beaten"
+    assert low_recall["decision"] == "rejected: spam recall 0.500 on the corpus test split is below the floor 0.90"
+    worse = promote(client, s.model_name, v, {"mcc": -1.0, "recall": 1.0}, test)
+    assert worse["decision"].startswith("rejected: corpus test MCC -1.000 is more than 0.01 below the champion's")
+    champ_mcc = worse["champion_mcc"]  # within the margin: the challenger does not regress, it is promoted
+    close = promote(client, s.model_name, v, {"mcc": champ_mcc - 0.005, "recall": 1.0}, test)
+    assert close["decision"] == "promoted" and close["recent_used"] is False
+    assert [h["version"] for h in registry.champion_history(client, s.model_name)][-1] == str(v)
 
 
 def test_train_without_feast_apply_fails_clearly(pipeline_lake, tmp_path, tracking):
