@@ -209,7 +209,7 @@ def test_prediction_log_lands_in_lake(server):
     assert set(FEATURE_TYPES) <= set(df.columns) and str(df.timestamp.dtype) == "datetime64[us, UTC]"
     assert row.prediction in ("spam", "ham") and 0 <= row.spam_probability <= 1 and len(row.text_sha256) == 64
     from spam_mlops.predlog import key_fingerprint
-    assert row.prediction_id == answer.json()["prediction_id"] and row.dt == f"{row.timestamp:%Y-%m-%d}"
+    assert row.prediction_id == answer.json()["prediction_id"] and row["dt"] == f"{row.timestamp:%Y-%m-%d}"
     assert row.api_key_id == key_fingerprint(KEY.encode())  # a key without a name: its fingerprint
 
 
