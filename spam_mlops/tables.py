@@ -205,7 +205,7 @@ def _to_frame(dt: DeltaTable, columns: list[str] | None, filters) -> pd.DataFram
     prune, expr, used = _where(filters)
     parts = [(c, op, v) for c, op, v in prune if c in dt.metadata().partition_columns] or None
     need = columns and list(dict.fromkeys([*columns, *used]))
-    tbl = dt.to_pyarrow_table(partitions=parts, columns=need).filter(expr)
+    tbl = dt.to_pyarrow_table(filters=parts, columns=need).filter(expr)
     return tbl.select(columns).to_pandas() if columns else tbl.to_pandas()
 
 # %% ../nbs/16_tables.ipynb #t5d9e0f2
@@ -343,9 +343,9 @@ def _legacy_raw(lake: Lake) -> tuple[pd.DataFrame, dict]:
              "ingested_at": _utc(man.get("ingested_at") or datetime.now(UTC))}
     raw = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)[["message_id", "label", "text"]]
     raw = raw.assign(batch_id=batch["batch_id"], source=batch["source"], line=np.arange(1, len(raw) + 1),
-                     ingested_at=batch["ingested_at"])
-    batch |= {"rows_read": int(man.get("rows_read", len(raw))), "rows_accepted": int(man.get("rows_accepted", len(raw))),
-              "rows_refused": int(man.get("rows_refused", 0)), "rows_new": len(raw)}
+                     ingested_at=batch["ingested_at"]).drop_duplicates("message_id")  # a repeated text: its first line
+    batch |= {"rows_read": int(man.get("rows_read", len(raw))), "rows_refused": int(man.get("rows_refused", 0)),
+              "rows_accepted": int(man.get("rows_accepted", len(raw))), "rows_new": len(raw)}
     return raw, batch
 
 
@@ -409,8 +409,9 @@ def upgrade(lake: Lake,  # the lake in the old layout
         df = frame() if callable(frame) else frame
         if df is None or df.empty: return
         meta = {"upgrade": name}
-        v = t.merge(df, key, meta=meta, partition_by=partition_by)["version"] if key else t.append(df, meta, partition_by)
-        report[name] = {"rows": len(df), "version": v}
+        if key: r = t.merge(df, key, meta=meta, partition_by=partition_by)
+        else: r = {"inserted": len(df), "version": t.append(df, meta, partition_by)}
+        report[name] = {"rows": r["inserted"], "version": r["version"]}
     if lake.exists(LEGACY["raw"]):
         raw, batch = _legacy_raw(lake)
         step("raw", raw, "message_id")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -174,7 +175,8 @@ def test_upgrade_copies_the_old_layout_once(settings):
             {"timestamp": pd.Timestamp(f"{day} 12:00", tz="UTC"), "request_id": req, "message_id": ["m1", "m9"],
              "spam_probability": [0.2, 0.8], "prediction": ["ham", "spam"], "model_version": "3"}))
     lake.write_bytes("predictions/dt=2026-11-30/130000-bad.parquet", b"not parquet")
-    lake.write_bytes("feedback/dt=2026-11-30/140000-a.csv", b"message_id,label,timestamp\nm9,spam,2026-11-30T14:00:00\n")
+    lake.write_bytes("feedback/dt=2026-11-30/140000-a.csv",
+                     b"message_id,label,timestamp\nm9,spam,2026-11-30T14:00:00\n")
     r = upgrade(lake, settings)
     assert {n: t["rows"] for n, t in r["tables"].items()} == {"raw": 3, "batches": 1, "curated": 2, "predictions": 4,
                                                               "feedback": 1}
@@ -237,3 +239,26 @@ def test_cli_vacuum_keeps_the_versions_registered_models_name(tmp_path, monkeypa
     with pytest.raises(TableError, match="the oldest readable is 4"): t.read(version=1)  # 4: the compaction
     assert [line.split()[3] for line in lake_cli("history", "curated").splitlines()[1:6]] == [
         "WRITE", "WRITE", "WRITE", "MERGE", "OPTIMIZE"]
+
+
+def test_lake_upgrade_of_the_corpus_from_the_command_line(tmp_path, corpus):
+    "`spam-mlops lake upgrade` on a lake holding the whole corpus in the old layout, then `lake history raw`."
+    from spam_mlops.ingest import message_id
+    lines = [line.split("\t", 1) for line in corpus.read_text(encoding="utf-8").splitlines() if "\t" in line]
+    old = pd.DataFrame(lines, columns=["label", "text"])
+    old.insert(0, "message_id", old.text.map(message_id))
+    lake = Lake.from_settings(get_settings(lake=str(tmp_path)))
+    lake.write_bytes("raw/sms_spam.csv", old.to_csv(index=False).encode())
+    env = {**os.environ, "SPAM_MLOPS_LAKE": str(tmp_path)}
+    cli = [str(Path(sys.executable).parent / "spam-mlops"), "lake"]
+    r = subprocess.run([*cli, "upgrade"], env=env, capture_output=True, text=True, timeout=300)
+    unique = old.message_id.nunique()
+    assert r.returncode == 0 and r.stdout.strip() == f"lake upgrade: raw {unique} rows (v0), batches 1 rows (v0)", r
+    raw = table(lake, "raw").read()
+    assert len(raw) == unique and raw.message_id.is_unique and raw.line.min() == 1 and len(old) > unique
+    first = old.drop_duplicates("message_id").set_index("message_id").text
+    assert (raw.set_index("message_id").text.sort_index() == first.sort_index()).all()  # a text's first line kept
+    r = subprocess.run([*cli, "history", "raw"], env=env, capture_output=True, text=True, timeout=300)
+    row = r.stdout.splitlines()[1].split()
+    assert r.returncode == 0 and row[0] == "0" and row[3:6] == ["WRITE", str(unique), str(unique)], r.stdout
+    assert '{"upgrade": "raw"}' in r.stdout
