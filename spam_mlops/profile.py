@@ -7,7 +7,9 @@ computes it and stores it; `spam_mlops.drift` compares production windows with i
   rates of the yes/no features, text-length quantiles;
 - text and predictions of the validation split (held out from the vocabulary and the weights, so it shows
   what *new* in-distribution text looks like): the out-of-vocabulary rate against the model's vocabulary,
-  the token distribution, and the model's predicted spam rate.
+  the token distribution, and the model's predicted spam rate;
+- a **reference sample** of up to 2,000 held-out messages (clean text and features): what the domain
+  classifier of `spam_mlops.domain` tells production windows apart from.
 
 Training (`spam_mlops.train.train`) logs the profile as the artifact `drift/baseline.json` of the model's run
 (`log_baseline`); `fetch_baseline` reads it back. It depends only on config, features and the lake's frames.
@@ -143,6 +145,13 @@ def _prediction_profile(ref: pd.DataFrame, predict: Callable, threshold: float) 
     return {"threshold": threshold, "n": len(p), "spam_rate": float(np.mean(p >= threshold)),
             "edges": _round(edges), "proportions": _round(bin_proportions(p, edges))}
 
+
+def _reference_sample(ref: pd.DataFrame, n: int = 2000, seed: int = 0) -> dict:
+    "Up to n held-out messages (clean text and features, columns): the reference of the domain classifier."
+    rows = ref.sample(n, random_state=seed) if len(ref) > n else ref
+    out = {"n": len(rows), "clean_text": rows.clean_text.astype(str).tolist()}
+    return out | {"features": {k: _round(rows[k].astype(float)) for k in FEATURE_TYPES if k in rows}}
+
 # %% ../nbs/07a_profile.ipynb #d321dc45
 def profile_from_parts(
     parts: dict[str, pd.DataFrame],  # split frames: 'train' (features, vocabulary) and 'val' (held-out text)
@@ -159,7 +168,7 @@ def profile_from_parts(
     prof = {"format": 1, "created_at": datetime.now(UTC).isoformat(), "model": model or {},
             "rows": {"train": len(train), "reference": len(ref)}, "features": _feature_profile(train),
             "text_length_quantiles": lengths,
-            "text": _text_profile(train, ref, vocabulary, top_tokens)}
+            "text": _text_profile(train, ref, vocabulary, top_tokens), "reference": _reference_sample(ref)}
     if predict is not None: prof["prediction"] = _prediction_profile(ref, predict, threshold)
     return prof
 

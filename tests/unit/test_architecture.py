@@ -23,7 +23,7 @@ LAYERS = {
     "features": 5,
     "feature_store": 6, "predlog": 6,
     "profile": 7, "model": 7, "service": 7, "frame": 7,
-    "train": 8, "api": 8,
+    "train": 8, "api": 8, "domain": 8,
     "tune": 9, "serve": 9,
     "retrain": 10,
     "drift": 11,
