@@ -81,7 +81,7 @@ def embed(model, clean_texts, cache: bool = False) -> np.ndarray:
     import tensorflow as tf
     texts = [str(t) for t in clean_texts]
     _, rep, memo = _entry(model)
-    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest() if cache else None
+    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest() if cache else None
     if key in memo: return memo[key]
     out = np.asarray(rep.predict(tf.constant(np.asarray(texts, dtype=object).reshape(-1, 1)), batch_size=1024,
                                  verbose=0), dtype=np.float32).reshape(len(texts), -1)
