@@ -123,7 +123,8 @@ def _test_texts(lake: Lake, n: int, seed: int) -> list[str]:
     from spam_mlops.curate import read_curated
     ids = set(tr.split_frame(tr.training_frame(lake=lake, source="lake"))["test"].message_id)
     cur = read_curated(lake)
-    return cur[cur.message_id.isin(ids)].text.sample(n, replace=n > len(ids), random_state=seed).tolist()
+    pool = cur[cur.message_id.isin(ids)].text  # corpus test messages (the frame's test split also holds feedback)
+    return pool.sample(n, replace=n > len(pool), random_state=seed).tolist()
 
 # %% ../nbs/15_demo.ipynb #10bc2cb2
 def simulate_traffic(
