@@ -448,6 +448,7 @@ def upgrade():
     s = get_settings()
     lake = Lake.from_settings(s)
     r = run(lake, s)
-    if r.get("unchanged"): return print(f"lake upgrade: already done at {r['upgraded_at']} ({lake.url(UPGRADE_MARKER)})")
+    if r.get("unchanged"):
+        return print(f"lake upgrade: already done at {r['upgraded_at']} ({lake.url(UPGRADE_MARKER)})")
     done = ", ".join(f"{n} {t['rows']} rows (v{t['version']})" for n, t in r["tables"].items()) or "nothing to copy"
     print(f"lake upgrade: {done}" + (f"; {len(r['unreadable'])} unreadable files skipped" if r["unreadable"] else ""))
