@@ -169,10 +169,15 @@ def prediction_tests(window: pd.DataFrame, profile: dict, cfg: DriftSettings) ->
             _test("prediction", "spam_probability", "psi", s, cfg.psi_threshold, False)]  # reported, not deciding
 
 # %% ../nbs/07b_drift.ipynb #eab09cc3
-def run_tests(window: pd.DataFrame, profile: dict, cfg: DriftSettings) -> list[dict]:
-    "Every feature, text and prediction test of the window against the baseline."
-    return [*feature_tests(window, profile, cfg), *text_tests(window, profile, cfg),
-            *prediction_tests(window, profile, cfg)]
+def run_tests(window: pd.DataFrame, profile: dict, cfg: DriftSettings, model=None) -> list[dict]:
+    "Every feature, text, prediction and domain test of the window against the baseline (`model`: its Keras model)."
+    from .domain import domain_test
+    tests = [*feature_tests(window, profile, cfg), *text_tests(window, profile, cfg),
+             *prediction_tests(window, profile, cfg)]
+    if not profile.get("reference"): return tests  # a baseline from before the domain test: group skipped
+    r, alpha = domain_test(window, profile, model), cfg.p_value / len({t["group"] for t in tests} | {"domain"})
+    return tests + [_test("domain", "messages", "classifier_auc", r["auc"], alpha, r["p_value"] < alpha, r["p_value"],
+                          **{k: v for k, v in r.items() if k not in ("auc", "p_value")})]
 
 
 def decide(tests: list[dict], cfg: DriftSettings) -> dict:
@@ -182,8 +187,9 @@ def decide(tests: list[dict], cfg: DriftSettings) -> dict:
     share = len(drifted_feats) / max(len(feats), 1)
     groups = {"feature": share >= cfg.feature_share,
               "text": any(t["drifted"] for t in tests if t["group"] == "text"),
-              "prediction": any(t["drifted"] for t in tests if t["group"] == "prediction")}
-    skipped = [g for g in ("text", "prediction") if not any(t["group"] == g for t in tests)]
+              "prediction": any(t["drifted"] for t in tests if t["group"] == "prediction"),
+              "domain": any(t["drifted"] for t in tests if t["group"] == "domain")}
+    skipped = [g for g in ("text", "prediction", "domain") if not any(t["group"] == g for t in tests)]
     return {"drift_detected": any(groups.values()), "groups": groups, "drifted_features": drifted_feats,
             "drifted_feature_share": share, "skipped_groups": skipped}
 
@@ -257,13 +263,19 @@ _STYLE = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:c
           "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style>")
 
 
+def _domain_row(report: dict) -> dict | None:
+    return next((t for t in report.get("tests") or [] if t["group"] == "domain"), None)
+
+
 def _summary(report: dict) -> str:
+    from .domain import domain_summary
     d = report.get("decision") or {}
     head = [("status", report["status"]), ("message", report.get("message", "")),
             ("drift detected", d.get("drift_detected")), ("groups", d.get("groups")),
             ("window", {k: v for k, v in report.get("window", {}).items() if k != "corrupt"}),
             ("baseline model", report.get("baseline", {}).get("model")), ("retraining", report.get("retraining")),
-            ("accuracy (feedback)", (report.get("accuracy") or {}).get("accuracy"))]
+            ("accuracy (feedback)", (report.get("accuracy") or {}).get("accuracy")),
+            ("domain classifier", domain_summary(_domain_row(report)))]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in head)
     return f"<h1>Drift report {html.escape(report['id'])}</h1><table>{rows}</table>"
 
@@ -271,10 +283,13 @@ def _summary(report: dict) -> str:
 def render_html(report: dict, window: pd.DataFrame | None = None, profile: dict | None = None) -> str:
     "A self-contained HTML page of the report (summary table, plotly charts when there was a window to test)."
     import plotly.io as pio
+
+    from .domain import domain_html
     parts = [_summary(report)]
     if report.get("tests") and window is not None and len(window) and profile:
         figs = [_fig_scores(report["tests"]), _fig_features(window, profile), _fig_lengths_and_rates(window, profile)]
         parts += [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
+        if (dom := _domain_row(report)) is not None: parts.append(domain_html(dom))
         t = pd.DataFrame(report["tests"])[["group", "feature", "test", "statistic", "p_value", "threshold", "drifted"]]
         parts.append(t.to_html(index=False, float_format=lambda x: f"{x:.4g}"))
     if report.get("window", {}).get("corrupt"):
@@ -311,6 +326,10 @@ def metrics_registry(report: dict):
             labels["needed"])
     Gauge("spam_drift_waiting_for_labels", "1 when drift was found but the retraining waits for labels",
           registry=reg).set(int(report.get("status") == "waiting_for_labels"))
+    if (dom := _domain_row(report)) is not None:  # the domain classifier: score, p-value and its alarm level
+        for name, key in (("auc", "statistic"), ("p_value", "p_value"), ("alpha", "threshold")):
+            Gauge(f"spam_drift_domain_{name}", f"Domain classifier {name} (window vs reference, last drift run)",
+                  registry=reg).set(dom[key])
     acc = (report.get("accuracy") or {}).get("accuracy")
     if acc is not None:
         Gauge("spam_model_accuracy", "Rolling accuracy of the served model on labelled feedback", registry=reg).set(acc)
