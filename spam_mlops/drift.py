@@ -171,7 +171,7 @@ def prediction_tests(window: pd.DataFrame, profile: dict, cfg: DriftSettings) ->
 # %% ../nbs/07b_drift.ipynb #eab09cc3
 def run_tests(window: pd.DataFrame, profile: dict, cfg: DriftSettings, model=None) -> list[dict]:
     "Every feature, text, prediction and domain test of the window against the baseline (`model`: its Keras model)."
-    from .domain import domain_test
+    from spam_mlops.domain import domain_test
     tests = [*feature_tests(window, profile, cfg), *text_tests(window, profile, cfg),
              *prediction_tests(window, profile, cfg)]
     if not profile.get("reference"): return tests  # a baseline from before the domain test: group skipped
@@ -268,7 +268,7 @@ def _domain_row(report: dict) -> dict | None:
 
 
 def _summary(report: dict) -> str:
-    from .domain import domain_summary
+    from spam_mlops.domain import domain_summary
     d = report.get("decision") or {}
     head = [("status", report["status"]), ("message", report.get("message", "")),
             ("drift detected", d.get("drift_detected")), ("groups", d.get("groups")),
@@ -284,7 +284,7 @@ def render_html(report: dict, window: pd.DataFrame | None = None, profile: dict 
     "A self-contained HTML page of the report (summary table, plotly charts when there was a window to test)."
     import plotly.io as pio
 
-    from .domain import domain_html
+    from spam_mlops.domain import domain_html
     parts = [_summary(report)]
     if report.get("tests") and window is not None and len(window) and profile:
         figs = [_fig_scores(report["tests"]), _fig_features(window, profile), _fig_lengths_and_rates(window, profile)]
