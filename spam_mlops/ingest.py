@@ -1,4 +1,4 @@
-"""Validate a batch of messages (a file, URL, s3:// object, or each new file of a landing prefix) and merge it into `raw`.
+"""Validate a batch (a file, URL, s3:// object, or each new file of a landing prefix) and merge it into `raw`.
 
 First stage of the pipeline, and the way new data enters the lake. A SOURCE is a local file, an `http(s)` URL
 (the UCI zip: downloaded with a timeout and retries, extracted and verified against its checksum), an `s3://`

@@ -23,7 +23,8 @@ def test_stages_on_s3_write_the_same_tables(s3_env, pipeline_lake, corpus, monke
     assert [p for p in on_s3.list("") if not p.startswith("tables/")] == [FEATURES_MANIFEST, FEATURES, MANIFEST]
     assert {p.split("/")[1] for p in on_s3.list("tables")} == {RAW_TABLE, BATCHES_TABLE, CURATED_TABLE}
     stamps = ["ingested_at", "curated_at", "event_timestamp"]  # each lake records its own times
-    for a, b in [(read_raw(on_s3, settings=s3), read_raw(local)), (read_curated(on_s3, settings=s3), read_curated(local)),
+    for a, b in [(read_raw(on_s3, settings=s3), read_raw(local)),
+                 (read_curated(on_s3, settings=s3), read_curated(local)),
                  (read_features(on_s3), read_features(local))]:
         a, b = (x.drop(columns=[c for c in stamps if c in x]).sort_values("message_id", ignore_index=True)
                 for x in (a, b))
