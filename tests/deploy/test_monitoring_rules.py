@@ -146,7 +146,8 @@ def test_metric_table_lists_the_agreed_names():
     assert set(metric_table()) == {
         "ray_spam_api_requests_total", "ray_spam_api_request_latency_seconds", "ray_spam_api_batch_size",
         "ray_spam_api_predictions_total", "ray_spam_api_model_info", "spam_model_accuracy", "spam_drift_score",
-        "spam_drift_detected", "spam_drift_last_run_timestamp_seconds"}
+        "spam_drift_detected", "spam_drift_last_run_timestamp_seconds", "spam_drift_domain_auc",
+        "spam_drift_domain_p_value", "spam_drift_domain_alpha"}
 
 
 def test_raw_metric_names_only_in_the_recording_rules():
@@ -214,6 +215,9 @@ def exporter():
             child("spam_model_accuracy").set(0.98)
             child("spam_drift_score").set(0.07)
             child("spam_drift_detected").set(0)
+            child("spam_drift_domain_auc").set(0.51)
+            child("spam_drift_domain_p_value").set(0.4)
+            child("spam_drift_domain_alpha").set(0.0025)
             child("spam_drift_last_run_timestamp_seconds").set(time.time() - 600)
             stop.wait(0.2)
     server, _ = start_http_server(port, addr="127.0.0.1", registry=reg)
