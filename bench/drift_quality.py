@@ -106,7 +106,7 @@ def evaluate_windows(name: str, pool: pd.DataFrame, windows: int, size: int, pro
         d = decide(tests, cfg)
         alarms += d["drift_detected"]
         naive += naive_alarm(tests)
-        for g, v in d["groups"].items(): groups[g] += v
+        for g, v in d["groups"].items(): groups[g] = groups.get(g, 0) + v
         by = {f"{t['feature']}.{t['test']}": t["statistic"] for t in tests}
         psis = [t["statistic"] for t in tests if t["group"] == "feature" and t["test"] == "psi"]
         worst.append({"max_feature_psi": max(psis),
