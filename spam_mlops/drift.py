@@ -444,7 +444,8 @@ def _test_window(report, lake, settings, cfg, retrain, window, profile, now, run
     "Tests, decision, accuracy and, on drift, the retraining, into `report`."
     report["baseline"] = {"model": profile.get("model", {}), "created_at": profile.get("created_at"),
                           "rows": profile.get("rows"), "computed_on_demand": profile.get("computed_on_demand", False)}
-    report["tests"] = run_tests(window, profile, cfg)
+    from spam_mlops.domain import served_model
+    report["tests"] = run_tests(window, profile, cfg, model=served_model(settings, profile))
     report["decision"] = decide(report["tests"], cfg)
     report["accuracy"] = feedback_accuracy(lake, cfg, now)
     if not report["decision"]["drift_detected"]:
