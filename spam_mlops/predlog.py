@@ -206,7 +206,7 @@ def read_predictions(lake: Lake,  # the lake holding the `predictions` table
     try:
         info["version"] = version = table.version()
         df = table.read(version=version, columns=cols, filters=days) if version is not None else pd.DataFrame()
-    except (TableError, OSError) as e:  # an unreadable table is reported, not raised
+    except (TableError, OSError, ValueError) as e:  # an unreadable table or data file (ArrowInvalid) is reported
         info["corrupt"] = [_corrupt(table.uri, e)]
         df = pd.DataFrame()
     if df.empty: return pd.DataFrame(columns=columns or REQUIRED), info
@@ -352,7 +352,7 @@ def read_feedback(lake: Lake) -> tuple[pd.DataFrame, dict]:
     try:
         fb, fv = _read_pinned(lake, FEEDBACK, None, FEEDBACK_COLUMNS)
         preds, _ = _read_pinned(lake, PREDICTIONS, None, ["prediction_id", "message_id"])
-    except (TableError, OSError) as e:  # an unreadable table is reported, not raised
+    except (TableError, OSError, ValueError) as e:  # an unreadable table or data file (ArrowInvalid) is reported
         return empty, info | {"bad_files": [_corrupt(_table(lake, FEEDBACK).uri, e)]}
     info |= {"files": int(fv is not None), "version": fv}
     if fb.empty: return empty, info
