@@ -12,7 +12,7 @@ Modules:
 - `spam_mlops.drift`: The production window against the training baseline: drift tests, decision, report and metrics.
 - `spam_mlops.feature_store`: Feast over the lake's message features: point-in-time training frames offline, low-latency reads online.
 - `spam_mlops.features`: Message features for the feature store, training and serving, from one vectorised function.
-- `spam_mlops.frame`: The training frame: every curated corpus row plus every labelled prediction, with its source, the table versions
+- `spam_mlops.frame`: The training frame: curated corpus rows plus labelled predictions, with sources, table versions and a digest.
 - `spam_mlops.ingest`: Validate a batch (a file, URL, s3:// object, or each new file of a landing prefix) and merge it into `raw`.
 - `spam_mlops.lake`: One small I/O layer over the lakehouse: a local folder by default, `s3://bucket[/prefix]` on MinIO in production.
 - `spam_mlops.model`: The seed notebook's LSTM: vectoriser, network, the loop Ray Train and Ray Tune share, metrics, the served model.

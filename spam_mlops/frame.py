@@ -1,4 +1,4 @@
-"""The training frame: every curated corpus row plus every labelled prediction, with its source, the table versions
+"""The training frame: curated corpus rows plus labelled predictions, with sources, table versions and a digest.
 
 A model is only as explainable as the data behind it, so the training frame is built from named table versions and
 says so. It is every row of the `curated` table (the corpus: its `source` is the row's `batch_id`) plus every
