@@ -87,6 +87,7 @@ SECRETS=(
     "postgres-credentials POSTGRES_USER=mlflow POSTGRES_PASSWORD=RANDOM"
     "redis-credentials REDIS_PASSWORD=RANDOM"
     "grafana-admin GF_SECURITY_ADMIN_USER=admin GF_SECURITY_ADMIN_PASSWORD=RANDOM"
+    "alertmanager-receiver token=RANDOM"
 )
 missing=()
 for entry in "${SECRETS[@]}"; do

@@ -26,6 +26,8 @@ apt_install() {
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     # the real Pushgateway of tests/integration/test_prometheus.py (the drift job pushes its scores there)
     command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
+    # amtool check-config and the real Alertmanager of tests/integration/test_alerting.py
+    command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
     if ((${#missing[@]})); then
         local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
         echo "install-tools: apt-get install ${missing[*]}"
