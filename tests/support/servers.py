@@ -183,14 +183,18 @@ def moto_server(log: Path, port: int | None = None) -> ManagedServer:
     return ManagedServer([sys.executable, "-m", "moto.server", "-p", str(port)], url, log, name="moto", url=url)
 
 
-def mlflow_server(log: Path, backend_uri: str, artifacts: str, port: int | None = None,
-                  env: dict[str, str] | None = None) -> ManagedServer:
-    """`mlflow server` with one worker on `backend_uri` (sqlite:///... or postgresql+psycopg2://...), artifacts
-    proxied to `artifacts` (a folder or s3:// URI); `.url` is its address. Not started yet. `env` adds variables."""
+def mlflow_server(log: Path, backend_uri: str | None, artifacts: str, port: int | None = None,
+                  env: dict[str, str] | None = None, app: str | None = None) -> ManagedServer:
+    """`mlflow server` with one worker on `backend_uri` (sqlite:///... or postgresql+psycopg2://...; None: from
+    MLFLOW_BACKEND_STORE_URI in `env`, as production passes it, outside argv), artifacts proxied to `artifacts` (a
+    folder or s3:// URI), `app` its --app-name (basic-auth); `.url` is its address. Not started yet. `env` adds
+    variables."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    return ManagedServer([BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-                          backend_uri, "--artifacts-destination", artifacts, "--workers", "1"], f"{url}/health", log,
+    store = ["--backend-store-uri", backend_uri] if backend_uri else []
+    return ManagedServer([BIN / "mlflow", "server", *(["--app-name", app] if app else []), "--host", "127.0.0.1",
+                          "--port", str(port), *store, "--artifacts-destination", artifacts, "--workers", "1"],
+                         f"{url}/health", log,
                          env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (env or {}), name="mlflow",
                          url=url)
 
