@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,10 @@ def _front_matter_to_title(nb: dict) -> None:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from nbdev.serve import proc_nbs
-    proc_nbs(path=str(ROOT / "nbs"), n_workers=0, force=True)
+    # in a child process: nbdev runs the notebooks' show_doc cells in an IPython shell, whose history module
+    # replaces sqlite3's process-wide "timestamp" converter and breaks Feast's SQLite online store afterwards
+    subprocess.run([sys.executable, "-c", "import sys; from nbdev.serve import proc_nbs; "
+                    "proc_nbs(path=sys.argv[1], n_workers=0, force=True)", str(ROOT / "nbs")], check=True)
     proc = ROOT / "_proc"
     html = tmp_path_factory.mktemp("html")
     nbs = []

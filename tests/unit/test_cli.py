@@ -10,12 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from spam_mlops.cli import QUIET_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "spam-mlops")
 
 
+# what a user's shell does not set, but this test process may have picked up from a library it imported
+# (Ray's `try_import_tf` sets TF_CPP_MIN_LOG_LEVEL=3 in its process when it finds it unset)
+LEAKED = (*QUIET_ENV, "TF_ENABLE_ONEDNN_OPTS")
+
+
 def _cli(*args, env=None, cwd=ROOT):
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+    user = {k: v for k, v in os.environ.items() if k not in LEAKED}
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env={**user, **(env or {})},
                           cwd=cwd, timeout=600)
 
 
