@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Deploy spam_mlops to the current kubectl context, in order, waiting for each step:
-#   namespace -> Secrets (checked; generated for the local overlay) -> everything but the pipeline Jobs
-#   -> MinIO, PostgreSQL, Redis ready -> bucket-init Job -> MLflow ready -> pipeline Jobs one by one
-#   (ingest, curate, features, materialize) -> optional training/tuning RayJob -> monitoring -> the API
+#   namespace -> Secrets (checked; generated for the local overlay) -> everything (no Job of the pipeline:
+#   it runs from CronJobs) -> MinIO, PostgreSQL, Redis ready -> bucket-init Job -> MLflow ready -> the first
+#   pipeline run, a Job from the suspended CronJob data-pipeline-bootstrap (ingest, curate, features,
+#   materialize) -> optional training/tuning RayJob -> monitoring -> the API
 # then prints where the API, MLflow and Grafana are.
 #
 # Usage: scripts/deploy.sh [--dry-run] [--train] [--tune] [--skip-pipeline] [OVERLAY]   (OVERLAY: local | prod)
@@ -10,8 +11,8 @@
 #                    kubectl kustomize, kubernetes-validate strict, custom-resource and hardening checks,
 #                    promtool check/test rules. Tools: scripts/install-tools.sh.
 #   --train/--tune   after the pipeline, run a training (04b_train) / tuning (05_tune) RayJob and wait for it
-#   --skip-pipeline  do not rerun the data-pipeline Jobs (an upgrade of the images only)
-# Prod is normally deployed by Argo CD (argocd/spam-detection-app.yaml); this script is for the first
+#   --skip-pipeline  do not run the pipeline now (an upgrade of the images only)
+# Prod is normally deployed by Argo CD (argocd/spam-mlops.yaml, app of apps); this script is for the first
 # install of a laptop cluster and for clusters without Argo CD.
 set -euo pipefail
 
@@ -25,7 +26,7 @@ for arg in "$@"; do
         --train) TRAIN=1 ;;
         --tune) TUNE=1 ;;
         --skip-pipeline) PIPELINE=0 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         -*) echo "deploy: unknown option $arg" >&2; exit 2 ;;
         *) OVERLAY="$arg" ;;
     esac
@@ -86,9 +87,6 @@ SECRETS=(
     "spam-mlops-backup-s3 AWS_ACCESS_KEY_ID=spam-mlops-backup AWS_SECRET_ACCESS_KEY=RANDOM"
     "postgres-credentials POSTGRES_USER=mlflow POSTGRES_PASSWORD=RANDOM"
     "redis-credentials REDIS_PASSWORD=RANDOM"
-    "mlflow-admin MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=RANDOM MLFLOW_FLASK_SERVER_SECRET_KEY=RANDOM"
-    "mlflow-writer MLFLOW_TRACKING_USERNAME=spam-writer MLFLOW_TRACKING_PASSWORD=RANDOM"
-    "mlflow-reader MLFLOW_TRACKING_USERNAME=spam-reader MLFLOW_TRACKING_PASSWORD=RANDOM"
     "grafana-admin GF_SECURITY_ADMIN_USER=admin GF_SECURITY_ADMIN_PASSWORD=RANDOM"
     "alertmanager-receiver token=RANDOM"
 )
@@ -151,23 +149,21 @@ print(json.dumps({"apiVersion": t["apiVersion"], "kind": t["kind"], "spec": spec
 
 # ---- apply in order ------------------------------------------------------------------------------------------------
 # Jobs are immutable: the one-off Jobs of a previous deploy are replaced, not patched.
-k delete job minio-bucket-init mlflow-auth-bootstrap --ignore-not-found >/dev/null
-log "applying everything except the pipeline Jobs"
-"$KUBECTL" apply -f "$RENDERED" -l '!spam-mlops/stage' >/dev/null
+k delete job minio-bucket-init --ignore-not-found >/dev/null
+log "applying everything"
+"$KUBECTL" apply -f "$RENDERED" >/dev/null
 
 wait_rollout statefulset/minio
 wait_rollout statefulset/postgres
 wait_rollout deployment/redis
 wait_job minio-bucket-init 900
 wait_rollout deployment/mlflow
-wait_job mlflow-auth-bootstrap 900  # the writer and reader accounts and their grants (k8s/base/mlflow-auth.yaml)
 
 if ((PIPELINE)); then
-    for stage in ingest curate features materialize; do
-        k delete job "pipeline-$stage" --ignore-not-found >/dev/null
-        "$KUBECTL" apply -f "$RENDERED" -l "spam-mlops/stage=$stage" >/dev/null
-        wait_job "pipeline-$stage" 3600
-    done
+    # the documented first run: a Job from the suspended template, the stages as its ordered init containers
+    run="pipeline-run-$(date -u +%Y%m%d%H%M%S)"
+    k create job "$run" --from=cronjob/data-pipeline-bootstrap >/dev/null
+    wait_job "$run" 7200
 fi
 ((TRAIN)) && run_rayjob spam-train
 ((TUNE)) && run_rayjob spam-tune

@@ -22,9 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ROOT / "k8s" / "overlays"
 NAMESPACE = "spam-mlops"
 # Kubernetes versions the built-in objects must validate against: the oldest we support
-# (CronJob timeZone, PodDisruptionBudget policy/v1, HPA autoscaling/v2 are GA there) and the newest schema.
-K8S_VERSIONS = ("1.29.0", "1.37.0")
-CUSTOM_KINDS = {"RayJob", "RayCluster", "RayService", "Rollout", "AnalysisTemplate", "Application"}
+# (ValidatingAdmissionPolicy admissionregistration.k8s.io/v1 is GA from 1.30; CronJob timeZone, PodDisruptionBudget
+# policy/v1, HPA autoscaling/v2 before) and the newest schema.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+CUSTOM_KINDS = {"RayJob", "RayCluster", "RayService", "Rollout", "AnalysisTemplate", "Application", "ClusterPolicy"}
+# objects without a namespace (the namespace check skips them)
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy",
+                  "ValidatingAdmissionPolicyBinding", "ClusterPolicy"}
+APPS = ROOT / "k8s" / "apps"  # what each Argo CD Application renders (k8s/apps/all, sliced by spam-mlops/argocd-app)
+APP_LABEL = "spam-mlops/argocd-app"
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "RayJob"}
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet"}
 
@@ -185,8 +191,23 @@ def check_application(d: dict) -> list[str]:
     return p
 
 
+def check_cluster_policy(d: dict) -> list[str]:
+    "Kyverno ClusterPolicy: kyverno.io/v1, rules with a name and a match; verifyImages rules name images and attestors."
+    p, s = [], d.get("spec") or {}
+    if d.get("apiVersion") != "kyverno.io/v1": p.append(f"apiVersion {d.get('apiVersion')} is not kyverno.io/v1")
+    rules = s.get("rules") or []
+    if not rules: p.append("spec.rules is empty")
+    for r in rules:
+        if not r.get("name"): p.append("a rule has no name")
+        if not r.get("match"): p.append(f"rule {r.get('name')}: match is missing")
+        for v in r.get("verifyImages") or []:
+            if not (v.get("imageReferences") and v.get("attestors")):
+                p.append(f"rule {r.get('name')}: verifyImages needs imageReferences and attestors")
+    return p
+
+
 CUSTOM_CHECKS = {"RayJob": check_rayjob, "Rollout": check_rollout, "AnalysisTemplate": check_analysis_template,
-                 "Application": check_application}
+                 "Application": check_application, "ClusterPolicy": check_cluster_policy}
 
 
 def check_custom(d: dict) -> list[str]:
@@ -244,8 +265,44 @@ def check_overlay(docs: list[dict], namespace: str = NAMESPACE) -> list[str]:
         p += check_hardening(d)
         if d.get("kind") == "Secret":
             p.append(f"{name_of(d)}: Secrets are never committed (create them, see the runbook)")
-        if d.get("kind") != "Namespace" and _get(d, "metadata", "namespace") != namespace:
+        if d.get("kind") not in CLUSTER_SCOPED and _get(d, "metadata", "namespace") != namespace:
             p.append(f"{name_of(d)}: namespace is {_get(d, 'metadata', 'namespace')!r}, not {namespace!r}")
+    return p
+
+
+# ---- GitOps: the Argo CD Applications and their slices --------------------------------------------------
+def argocd_applications(kubectl: str | None = None) -> list[dict]:
+    "The root Application (argocd/spam-mlops.yaml) and the Applications it deploys (argocd/apps, rendered)."
+    root = yaml.safe_load((ROOT / "argocd" / "spam-mlops.yaml").read_text())
+    return [root, *render(ROOT / "argocd" / "apps", kubectl)]
+
+
+def app_slices(kubectl: str | None = None) -> dict[str, list[dict]]:
+    "What each Application deploys (k8s/apps/<app>), and under 'all' the labelled whole (k8s/apps/all)."
+    return {x.name: render(x, kubectl) for x in sorted(APPS.iterdir()) if (x / "kustomization.yaml").is_file()}
+
+
+def _key(d: dict) -> tuple:
+    return d.get("kind"), _get(d, "metadata", "namespace"), _get(d, "metadata", "name")
+
+
+def check_partition(slices: dict[str, list[dict]], apps: list[dict]) -> list[str]:
+    "Each object of k8s/apps/all is in exactly one slice, the one its label names; each slice is one Application's."
+    p, whole = [], slices.get("all") or []
+    if not whole: return ["k8s/apps/all renders nothing"]
+    paths = {_get(a, "spec", "source", "path"): _get(a, "metadata", "name") for a in apps}
+    owners: dict[tuple, list[str]] = {}
+    for name, docs in slices.items():
+        if name == "all": continue
+        if f"k8s/apps/{name}" not in paths: p.append(f"k8s/apps/{name}: no Application deploys it")
+        for d in docs:
+            owners.setdefault(_key(d), []).append(name)
+            if _get(d, "metadata", "labels", APP_LABEL) != name:
+                p.append(f"{name_of(d)} in slice {name} is labelled {_get(d, 'metadata', 'labels', APP_LABEL)}")
+    for d in whole:
+        got = owners.get(_key(d), [])
+        if len(got) != 1: p.append(f"{name_of(d)}: in {len(got)} Applications' slices {got}, not exactly one")
+    if len(owners) != len({_key(d) for d in whole}): p.append("a slice holds an object k8s/apps/all does not")
     return p
 
 
@@ -260,10 +317,14 @@ def main(argv: list[str]) -> int:
               f"Kubernetes {', '.join(K8S_VERSIONS)}, custom resources checked: {', '.join(custom) or 'none'}")
         for x in problems: print(f"  {o}: {x}")
         failed |= bool(problems)
-    app = yaml.safe_load((ROOT / "argocd" / "spam-detection-app.yaml").read_text())
-    app_problems = check_custom(app)
+    apps = argocd_applications()
+    app_problems = [x for a in apps for x in check_custom(a)]
+    slices = app_slices()
+    app_problems += check_partition(slices, apps)
+    for name, docs in slices.items(): app_problems += [f"k8s/apps/{name}: {x}" for x in check_overlay(docs)]
     for x in app_problems: print(f"  argocd: {x}")
-    print(f"argocd: {name_of(app)} checked")
+    print(f"argocd: {', '.join(name_of(a) for a in apps)} checked; k8s/apps slices "
+          f"{', '.join(f'{n} ({len(d)})' for n, d in slices.items())} partition the prod overlay")
     failed |= bool(app_problems)
     print("FAILED" if failed else "OK: every overlay renders and validates")
     return int(failed)

@@ -53,8 +53,7 @@ def test_overlay_renders_the_whole_system(rendered, overlay):
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     want = {("Namespace", "spam-mlops"), ("StatefulSet", "minio"), ("Job", "minio-bucket-init"),
             ("StatefulSet", "postgres"), ("Deployment", "mlflow"), ("Deployment", "redis"),
-            ("Job", "pipeline-ingest"), ("Job", "pipeline-curate"), ("Job", "pipeline-features"),
-            ("Job", "pipeline-materialize"), ("CronJob", "data-pipeline"), ("RayJob", "spam-train"),
+            ("CronJob", "data-pipeline-bootstrap"), ("CronJob", "data-pipeline"), ("RayJob", "spam-train"),
             ("RayJob", "spam-tune"), ("Deployment", "spam-api"), ("Service", "spam-api"), ("Ingress", "spam-api"),
             ("PodDisruptionBudget", "spam-api"), ("HorizontalPodAutoscaler", "spam-api"),
             ("Deployment", "prometheus"), ("Deployment", "grafana"), ("Deployment", "pushgateway"),
@@ -111,11 +110,16 @@ def test_custom_resources_hardening_namespace_no_secrets(rendered, overlay):
     assert vm.check_overlay(rendered[overlay]) == []
 
 
-def test_argocd_application():
-    app = yaml.safe_load((ROOT / "argocd" / "spam-detection-app.yaml").read_text())
-    assert vm.check_custom(app) == []
-    assert app["spec"]["source"]["path"] == "k8s/overlays/prod"
-    assert app["spec"]["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
+def test_argocd_applications():
+    "The root Application deploys argocd/apps; each of those syncs one slice of the prod overlay (k8s/apps/<app>)."
+    root, *apps = vm.argocd_applications(tool("kubectl"))
+    assert [vm.check_custom(a) for a in (root, *apps)] == [[]] * (1 + len(apps))
+    assert root["spec"]["source"]["path"] == "argocd/apps"
+    paths = {a["metadata"]["name"]: a["spec"]["source"]["path"] for a in apps}
+    assert paths == {f"spam-mlops-{x}": f"k8s/apps/{x}" for x in ("stores", "monitoring", "pipeline", "serving")}
+    for a in (root, *apps):
+        assert a["spec"]["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
+        assert (ROOT / a["spec"]["source"]["path"] / "kustomization.yaml").is_file()
 
 
 def test_custom_resource_checks_can_fail(rendered):
@@ -135,7 +139,7 @@ def test_custom_resource_checks_can_fail(rendered):
     at = json.loads(json.dumps(objects(prod, "AnalysisTemplate")["spam-api-canary"]))
     at["spec"]["args"] = [{"name": "prometheus-address", "value": "http://x"}]
     assert "undeclared args ['canary-hash']" in " ".join(vm.check_analysis_template(at))
-    app = yaml.safe_load((ROOT / "argocd" / "spam-detection-app.yaml").read_text())
+    app = vm.argocd_applications(tool("kubectl"))[1]
     del app["spec"]["source"]["repoURL"]
     assert vm.check_application(app) == ["spec.source.repoURL is missing"]
 
@@ -172,19 +176,20 @@ def test_serving_ingress_pdb_hpa(rendered):
 
 def test_pipeline_jobs_and_schedules(rendered):
     docs = rendered["prod"]
-    jobs = objects(docs, "Job")
-    stages = {n: j["spec"]["template"]["spec"]["containers"][0]["args"] for n, j in jobs.items()
-              if n.startswith("pipeline-")}
-    assert stages == {f"pipeline-{s}": ["spam-mlops", "run", nb] for s, nb in
-                      [("ingest", "00_ingest"), ("curate", "01_curate"), ("features", "02_features"),
-                       ("materialize", "03_feature_store")]}
-    waves = [int(jobs[f"pipeline-{s}"]["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"])
-             for s in ("ingest", "curate", "features", "materialize")]
-    assert waves == sorted(waves) and len(set(waves)) == 4
+    # no pipeline Job in any rendering: the pipeline runs from its CronJobs only (never because of a sync)
+    assert not any(n.startswith("pipeline-") for n in objects(docs, "Job"))
     cron = objects(docs, "CronJob")
-    pod = cron["data-pipeline"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    order = [c["args"][-1] for c in pod["initContainers"] + pod["containers"]]
-    assert order == ["00_ingest", "01_curate", "02_features", "03_feature_store"]
+    for name in ("data-pipeline", "data-pipeline-bootstrap"):
+        pod = cron[name]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        stages = [(c["name"], c["args"]) for c in pod["initContainers"] + pod["containers"]]
+        assert stages == [(s, ["spam-mlops", "run", nb]) for s, nb in
+                          [("ingest", "00_ingest"), ("curate", "01_curate"), ("features", "02_features"),
+                           ("materialize", "03_feature_store")]], name
+        source = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}.get("SPAM_MLOPS_SOURCE")
+        # daily: the landing prefix; first run: the public corpus (the setting's default)
+        assert source == {"data-pipeline": "s3://spam-mlops-lake/landing/", "data-pipeline-bootstrap": None}[name]
+    assert cron["data-pipeline-bootstrap"]["spec"]["suspend"] is True
+    assert not cron["data-pipeline"]["spec"].get("suspend")
     drift = cron["drift-detection"]
     assert drift["spec"]["schedule"] == "0 */6 * * *"
     drift_args = drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
