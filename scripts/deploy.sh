@@ -87,6 +87,9 @@ SECRETS=(
     "spam-mlops-backup-s3 AWS_ACCESS_KEY_ID=spam-mlops-backup AWS_SECRET_ACCESS_KEY=RANDOM"
     "postgres-credentials POSTGRES_USER=mlflow POSTGRES_PASSWORD=RANDOM"
     "redis-credentials REDIS_PASSWORD=RANDOM"
+    "mlflow-admin MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=RANDOM MLFLOW_FLASK_SERVER_SECRET_KEY=RANDOM"
+    "mlflow-writer MLFLOW_TRACKING_USERNAME=spam-writer MLFLOW_TRACKING_PASSWORD=RANDOM"
+    "mlflow-reader MLFLOW_TRACKING_USERNAME=spam-reader MLFLOW_TRACKING_PASSWORD=RANDOM"
     "grafana-admin GF_SECURITY_ADMIN_USER=admin GF_SECURITY_ADMIN_PASSWORD=RANDOM"
     "alertmanager-receiver token=RANDOM"
 )
@@ -149,7 +152,7 @@ print(json.dumps({"apiVersion": t["apiVersion"], "kind": t["kind"], "spec": spec
 
 # ---- apply in order ------------------------------------------------------------------------------------------------
 # Jobs are immutable: the one-off Jobs of a previous deploy are replaced, not patched.
-k delete job minio-bucket-init --ignore-not-found >/dev/null
+k delete job minio-bucket-init mlflow-auth-bootstrap --ignore-not-found >/dev/null
 log "applying everything"
 "$KUBECTL" apply -f "$RENDERED" >/dev/null
 
@@ -158,6 +161,7 @@ wait_rollout statefulset/postgres
 wait_rollout deployment/redis
 wait_job minio-bucket-init 900
 wait_rollout deployment/mlflow
+wait_job mlflow-auth-bootstrap 900  # the writer and reader accounts and their grants (k8s/base/mlflow-auth.yaml)
 
 if ((PIPELINE)); then
     # the documented first run: a Job from the suspended template, the stages as its ordered init containers
