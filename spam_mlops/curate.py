@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from .config import Settings, SpamMlopsError, get_settings
 from .ingest import RAW_COLUMNS, RAW_TABLE, read_raw
 from .lake import Lake
-from .tables import Table, TableError
+from .tables import Table, TableError, written_table
 
 # %% auto #0
 __all__ = ['CURATED_TABLE', 'CURATED_COLUMNS', 'CURATED', 'CONFLICTS', 'EMAIL_RE', 'URL_RE', 'MONEY_RE', 'PHONE_RE', 'CHUNK',
@@ -187,8 +187,5 @@ def curate(settings: Settings | None = None,  # lake and S3 settings (default: t
 
 def read_curated(lake: Lake, version: int | None = None, settings: Settings | None = None) -> pd.DataFrame:
     "The curated messages (at `version`): message_id, label, text, clean_text, batch_id, curated_at."
-    cur = Table(lake, CURATED_TABLE, settings)
-    if version is None and not cur.exists():
-        hint = " (this lake has the old layout: run `spam-mlops lake upgrade`)" if lake.exists(CURATED) else ""
-        raise CurateError(f"no curated table at {cur.uri}: run `spam-mlops curate` first{hint}")
+    cur = written_table(lake, CURATED_TABLE, "curate", CURATED, CurateError, settings)
     return cur.read(version).sort_values(["curated_at", "message_id"], ignore_index=True)

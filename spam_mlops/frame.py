@@ -47,11 +47,6 @@ class TrainError(SpamMlopsError):
 FEEDBACK_SOURCE = "feedback"  # the `source` of every row that came from labelled feedback
 TABLES = ("raw", "curated", "feedback", "predictions")  # the tables a frame is read from (tags data.<name>_version)
 
-
-def _table(lake: Lake, name: str, settings: Settings | None = None) -> Table:
-    "Table `name` of `lake`, its S3 options from `settings` (default: the environment's, with this lake)."
-    return Table(lake, name, settings or get_settings(lake=lake.uri))
-
 # %% ../nbs/04_frame.ipynb #2ff91f6e
 def training_rows(labelled: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     "Feedback rows as training rows: message_id, label, clean_text, features, source, api_key_id, received_at."
@@ -72,7 +67,7 @@ def feedback_rows(lake: Lake,  # the lake holding the feedback and predictions t
                   settings: Settings | None = None) -> tuple[pd.DataFrame, dict]:
     "Labelled feedback as training rows, and labelled_feedback's report (quarantine, conflicts, versions) plus ours."
     pinned = None if as_of is None else {k: as_of.get(k) for k in ("feedback", "predictions")}
-    if not _table(lake, "feedback", settings).exists() or (pinned is not None and pinned["feedback"] is None):
+    if not Table(lake, "feedback", settings).exists() or (pinned is not None and pinned["feedback"] is None):
         report = {"rows": 0, "quarantined": {}, "conflicts": 0, "feedback_version": None,
                   "predictions_version": (pinned or {}).get("predictions")}
         return training_rows(_no_feedback())[0], report | {"without_text": 0, "relabelled_messages": 0}
@@ -181,19 +176,19 @@ def _untag(v: str | None) -> int | None: return None if v in (None, "", "none", 
 
 def table_versions(lake: Lake, settings: Settings | None = None) -> dict[str, int | None]:
     "The latest version of each table of TABLES (None: not created yet)."
-    return {n: _table(lake, n, settings).version() for n in TABLES}
+    return {n: Table(lake, n, settings).version() for n in TABLES}
 
 
 def versions_at(lake: Lake, curated_version: int, settings: Settings | None = None) -> dict[str, int | None]:
     "The tables as they were when curated version N was committed: raw from its commit metadata, the rest by time."
-    hist = _table(lake, "curated", settings).history()
+    hist = Table(lake, "curated", settings).history()
     row = hist[hist.version == curated_version]
     if row.empty:
         known = f"{hist.version.min()} to {hist.version.max()}" if len(hist) else "none, no curated table"
         raise TrainError(f"the curated table has no version {curated_version} (versions: {known})")
     at, meta, out = row.timestamp.iloc[0], row.meta.iloc[0] or {}, {"curated": int(curated_version)}
     for name in ("raw", "feedback", "predictions"):
-        h = _table(lake, name, settings).history()
+        h = Table(lake, name, settings).history()
         out[name] = int(h.version[h.timestamp <= at].max()) if (h.timestamp <= at).any() else None
     if meta.get("raw_version") is not None: out["raw"] = int(meta["raw_version"])
     return {n: out[n] for n in TABLES}

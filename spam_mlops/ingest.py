@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import Settings, SpamMlopsError, get_settings
 from .lake import Lake, s3_filesystem
-from .tables import Table
+from .tables import Table, written_table
 
 # %% auto #0
 __all__ = ['RAW_TABLE', 'BATCHES_TABLE', 'RAW_COLUMNS', 'QUARANTINE', 'MANIFEST', 'RAW_CSV', 'LABELS', 'IngestError',
@@ -306,8 +306,5 @@ def ingest(settings: Settings | None = None,  # lake, source and S3 settings (de
 
 def read_raw(lake: Lake, version: int | None = None, settings: Settings | None = None) -> pd.DataFrame:
     "The messages of the `raw` table (at `version`), in arrival order: batch time, then line."
-    raw = Table(lake, RAW_TABLE, settings)
-    if version is None and not raw.exists():
-        hint = " (this lake has the old layout: run `spam-mlops lake upgrade`)" if lake.exists(RAW_CSV) else ""
-        raise IngestError(f"raw table not found at {raw.uri}: run `spam-mlops ingest` first{hint}")
+    raw = written_table(lake, RAW_TABLE, "ingest", RAW_CSV, IngestError, settings)
     return raw.read(version).sort_values(["ingested_at", "line"], ignore_index=True)[RAW_COLUMNS]

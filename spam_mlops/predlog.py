@@ -60,11 +60,6 @@ AUDIT_LOGGER = "spam_mlops.audit"  # where audit lines go when no audit file is 
 class FeedbackError(SpamMlopsError, ValueError):
     "Feedback that cannot be written: a label other than ham or spam, a file that cannot be read."
 
-
-def _table(lake: Lake, name: str) -> Table:
-    "The lake's table `name`, with the storage options of that lake (not of SPAM_MLOPS_LAKE)."
-    return Table(lake, name, get_settings(lake=lake.uri))
-
 # %% ../nbs/06a_predlog.ipynb #729780b2
 _ROW = ["timestamp", "request_id", "text", "spam_probability", "prediction", "model_version", "prediction_id",
         "api_key_id"]
@@ -117,7 +112,7 @@ class TableLog(BackgroundFlush):
                  metrics=None,  # counts rows: anything with a method named `metric`, called (outcome, n)
                  breaker=None):  # table writes go through its `call(fn, *args)`: fails fast while its circuit is open
         self.lake, self.flush_s, self.max_rows, self.metrics, self.breaker = lake, flush_s, max_rows, metrics, breaker
-        self.table = _table(lake, self.table_name) if lake is not None else None
+        self.table = Table(lake, self.table_name) if lake is not None else None
         self._rows: list[tuple] = []
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,7 +178,7 @@ class PredictionLog(TableLog):
 
 def write_predictions(lake: Lake, table: pd.DataFrame) -> int:
     "Append a `prediction_table` to the lake's prediction log in one commit (demos, tests, backfills); the version."
-    return _table(lake, PREDICTIONS).append(table[TABLE_COLUMNS], partition_by=["dt"])
+    return Table(lake, PREDICTIONS).append(table[TABLE_COLUMNS], partition_by=["dt"])
 
 # %% ../nbs/06a_predlog.ipynb #f82e1a71
 def _corrupt(f: str, e: Exception) -> dict:
@@ -199,7 +194,7 @@ def read_predictions(lake: Lake,  # the lake holding the `predictions` table
     "The prediction log of the last `hours` (or the last `last_n` rows), sorted by time, and where it came from."
     now = now or datetime.now(UTC)
     since = now - timedelta(hours=hours) if hours else None
-    table = _table(lake, PREDICTIONS)
+    table = Table(lake, PREDICTIONS)
     info = {"files": 0, "corrupt": [], "since": since.isoformat() if since else None, "version": None}
     days = [("dt", "<=", f"{now:%Y-%m-%d}")] + ([("dt", ">=", f"{since:%Y-%m-%d}")] if since else [])
     cols = list(dict.fromkeys([*columns, "timestamp", "dt"])) if columns else None
@@ -254,7 +249,7 @@ def write_feedback(lake: Lake,  # the lake receiving the labels
                    ) -> int:
     "Append labels of message ids (source `import`) to the `feedback` table in one commit; the table's version."
     df = feedback_frame(pd.DataFrame({"message_id": list(message_ids), "label": list(labels)}), "import", now)
-    return _table(lake, FEEDBACK).append(df)
+    return Table(lake, FEEDBACK).append(df)
 
 # %% ../nbs/06a_predlog.ipynb #b2e4d6f1
 def _import_row(row: dict, fields: dict) -> tuple[dict | None, str | None]:
@@ -284,7 +279,7 @@ def import_feedback(lake: Lake,  # the lake receiving the labels
                 if ok: rows.append(ok)
                 else: refused.append({"line": reader.line_num, "reason": reason})
     except (OSError, UnicodeDecodeError, csv.Error) as e: raise FeedbackError(f"cannot read {path}: {e}") from e
-    version = _table(lake, FEEDBACK).append(feedback_frame(pd.DataFrame(rows), "import", now)) if rows else None
+    version = Table(lake, FEEDBACK).append(feedback_frame(pd.DataFrame(rows), "import", now)) if rows else None
     return {"file": str(path), "accepted": len(rows), "refused": refused, "version": version}
 
 # %% ../nbs/06a_predlog.ipynb #e5b7c9d4
@@ -316,7 +311,7 @@ def _resolve(fb: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
 
 def _read_pinned(lake: Lake, name: str, version: int | None, columns: list[str] | None = None):
     "(frame, version) of table `name` at `version` (default: its latest); an empty frame when it does not exist."
-    t = _table(lake, name)
+    t = Table(lake, name)
     version = t.version() if version is None else version
     return (t.read(version=version, columns=columns) if version is not None else pd.DataFrame(columns=columns)), version
 
@@ -353,7 +348,7 @@ def read_feedback(lake: Lake) -> tuple[pd.DataFrame, dict]:
         fb, fv = _read_pinned(lake, FEEDBACK, None, FEEDBACK_COLUMNS)
         preds, _ = _read_pinned(lake, PREDICTIONS, None, ["prediction_id", "message_id"])
     except (TableError, OSError, ValueError) as e:  # an unreadable table or data file (ArrowInvalid) is reported
-        return empty, info | {"bad_files": [_corrupt(_table(lake, FEEDBACK).uri, e)]}
+        return empty, info | {"bad_files": [_corrupt(Table(lake, FEEDBACK).uri, e)]}
     info |= {"files": int(fv is not None), "version": fv}
     if fb.empty: return empty, info
     fb = _resolve(fb, preds.assign(text=None))

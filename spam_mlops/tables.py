@@ -38,7 +38,7 @@ from .lake import Lake
 
 # %% auto #0
 __all__ = ['TABLES_PREFIX', 'TABLE_NAMES', 'LOG_RETENTION', 'LEGACY', 'UPGRADE_MARKER', 'TableError', 'storage_options', 'Table',
-           'table', 'upgrade']
+           'table', 'written_table', 'upgrade']
 
 # %% ../nbs/16_tables.ipynb #t2d6e7f8
 TABLES_PREFIX = "tables"  # tables live at <lake>/tables/<name>
@@ -67,8 +67,8 @@ class Table:
     "One Delta table of the lake: `<lake>/tables/<name>`."
     def __init__(self, lake: Lake,  # the lake holding `tables/`
                  name: str,  # the table's name: raw, curated, predictions, feedback, batches
-                 settings: Settings | None = None):  # S3 options come from here (default: the environment)
-        self.lake, self.name, self.settings = lake, name, settings or get_settings()
+                 settings: Settings | None = None):  # S3 options come from here (default: the environment's)
+        self.lake, self.name, self.settings = lake, name, settings or get_settings(lake=lake.uri)
         self.rel = f"{TABLES_PREFIX}/{name}"
         self.uri = lake.url(self.rel) if lake.is_s3 else lake.path(self.rel)
         self.options = storage_options(self.settings) if lake.is_s3 else {}
@@ -106,6 +106,19 @@ def _no_bucket(e: Exception) -> bool:
 def table(lake: Lake, name: str, settings: Settings | None = None) -> Table:
     "The table `name` of `lake`."
     return Table(lake, name, settings)
+
+
+def written_table(lake: Lake,  # the lake
+                  name: str,  # the table, e.g. `raw`
+                  stage: str,  # the command that writes it, e.g. `ingest`
+                  old: str,  # the file that held its rows in the old layout
+                  error: type[Exception] = TableError,  # raised when the table does not exist yet
+                  settings: Settings | None = None) -> Table:
+    "The table `name`, which `spam-mlops <stage>` writes; `error` naming that command if it was never written."
+    t = Table(lake, name, settings)
+    if t.exists(): return t
+    hint = " (this lake has the old layout: run `spam-mlops lake upgrade`)" if lake.exists(old) else ""
+    raise error(f"{name} table not found at {t.uri}: run `spam-mlops {stage}` first{hint}")
 
 # %% ../nbs/16_tables.ipynb #t4d8e9f0
 def _arrow(df: pd.DataFrame, schema: pa.Schema | None) -> pa.Table:
