@@ -236,15 +236,29 @@ def test_drift_rbac_is_least_privilege(rendered):
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert granted == {("ray.io", "rayjobs", "get"), ("ray.io", "rayjobs", "list"), ("ray.io", "rayjobs", "create")}
     assert [r for r in rules if "get" in r["verbs"]][0]["resourceNames"] == ["spam-train", "spam-tune"]
-    assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs)
+    # cluster-scoped: only the two read-only grants of the monitoring (kube-state-metrics discovers CRDs;
+    # Prometheus reads the kubelets' volume stats), each bound to its own ServiceAccount
+    cluster = {n: {(g, r, v) for rule in c["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+                   for v in rule["verbs"]} for n, c in objects(docs, "ClusterRole").items()}
+    assert cluster == {
+        "spam-mlops-kube-state-metrics-crds": {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+                                               ("apiextensions.k8s.io", "customresourcedefinitions", "watch")},
+        "spam-mlops-prometheus-kubelet": {("", "nodes", "list"), ("", "nodes", "watch"), ("", "nodes/metrics", "get")}}
+    assert {n: [(s["name"], s["namespace"]) for s in b["subjects"]] for n, b in
+            objects(docs, "ClusterRoleBinding").items()} == {
+        "spam-mlops-kube-state-metrics-crds": [("kube-state-metrics", "spam-mlops")],
+        "spam-mlops-prometheus-kubelet": [("prometheus", "spam-mlops")]}
+    ksm = {(g, r, v) for rule in objects(docs, "Role")["kube-state-metrics"]["rules"] for g in rule["apiGroups"]
+           for r in rule["resources"] for v in rule["verbs"]}
+    assert {v for _, _, v in ksm} == {"list", "watch"}  # read-only
     binding = objects(docs, "RoleBinding")["spam-drift-retrain"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "spam-drift", "namespace": "spam-mlops"}]
-    # only the two pods that talk to the API server mount a token
+    # only the three pods that talk to the API server mount a token
     mounting = set()
     for d in docs:
         for _, spec in vm.pod_specs(d):
             if spec.get("automountServiceAccountToken") is not False: mounting.add(d["metadata"]["name"])
-    assert mounting == {"prometheus", "drift-detection"}
+    assert mounting == {"prometheus", "drift-detection", "kube-state-metrics"}
     assert objects(docs, "ServiceAccount")["default"]["automountServiceAccountToken"] is False
 
 

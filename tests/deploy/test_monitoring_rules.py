@@ -3,6 +3,8 @@
 - promtool (Debian's prometheus package) checks the rules and runs their unit tests with synthetic series;
 - the metric-name table at the top of monitoring/alert-rules.yaml is the one place raw metric names
   appear: dashboards, alerts and the AnalysisTemplate use only the recorded series;
+- every alert has a runbook_url into a section of the runbook that exists; amtool checks the Alertmanager
+  configuration exactly as the overlays render it;
 - a real Prometheus scrapes a synthetic exporter of every metric in that table (labels as in the table)
   and evaluates the recording rules; then every dashboard panel's PromQL, every alert expression and
   every canary-analysis query runs against it without error and returns data. (The same queries against
@@ -14,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 
@@ -24,6 +27,8 @@ from support import PROMETHEUS_HINT, ROOT, free_port, prometheus_server, require
 
 MON = ROOT / "monitoring"
 RULES = MON / "alert-rules.yaml"
+ALERTMANAGER = MON / "alertmanager.yml"
+RUNBOOK = ROOT / "nbs" / "explanations" / "runbook.md"
 DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
 ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
 
@@ -122,15 +127,25 @@ def test_every_required_alert_is_tested():
 
 def test_prometheus_config_is_valid(tmp_path):
     """promtool check config on monitoring/prometheus.yml. Debian's build leaves out Kubernetes service
-    discovery, so each kubernetes_sd_configs block is swapped for a static target for the check (the
-    relabelling rules, the jobs and everything else are checked as written)."""
+    discovery, so each kubernetes_sd_configs block is swapped for a static target for the check, and the kubelet
+    job's token and CA files (the pod's service account) for files here (the relabelling rules, the jobs and
+    everything else are checked as written)."""
     cfg = yaml.safe_load((MON / "prometheus.yml").read_text())
     sd_jobs = []
     for job in cfg["scrape_configs"]:
         if job.pop("kubernetes_sd_configs", None) is not None:
             sd_jobs.append(job["job_name"])
             job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
-    assert set(sd_jobs) == {"spam-api", "ray", "mlflow"}
+    assert set(sd_jobs) == {"spam-api", "ray", "mlflow", "kubelet"}
+    # the kubelet job reads the pod's service-account token and CA, which promtool wants to exist: copies here
+    kubelet = next(j for j in cfg["scrape_configs"] if j["job_name"] == "kubelet")
+    assert kubelet["authorization"]["credentials_file"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "ca.crt").write_text("")
+    kubelet["authorization"]["credentials_file"] = str(tmp_path / "token")
+    kubelet["tls_config"]["ca_file"] = str(tmp_path / "ca.crt")
+    assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    assert {"kube-state-metrics", "kubelet"} <= {j["job_name"] for j in cfg["scrape_configs"]}
     cfg["rule_files"] = [str(RULES)]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     out = subprocess.run([need("promtool"), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True,
@@ -139,6 +154,99 @@ def test_prometheus_config_is_valid(tmp_path):
     jobs = yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"]
     api = next(j for j in jobs if j["job_name"] == "spam-api")
     assert {"rollouts_pod_template_hash", "pod"} <= {r.get("target_label") for r in api["relabel_configs"]}
+
+
+def site_url() -> str:
+    "The published docs site (nbs/_quarto.yml website.site-url), ending in '/'."
+    url = yaml.safe_load((ROOT / "nbs" / "_quarto.yml").read_text())["website"]["site-url"]
+    return url.rstrip("/") + "/"
+
+
+def runbook_sections() -> dict[str, str]:
+    """anchor -> text of that section of the runbook, for every heading: its explicit `{#id}`, else the id pandoc
+    (Quarto) derives (lower case, punctuation dropped, spaces to dashes)."""
+    out, anchor = {}, None
+    for line in RUNBOOK.read_text().splitlines():
+        m = re.match(r"#{2,4} (.*?)\s*(?:\{#([\w-]+)\})?\s*$", line)
+        if m:
+            anchor = m.group(2) or re.sub(r"\s+", "-", re.sub(r"[^\w\s-]", "", m.group(1)).strip().lower())
+            out[anchor] = ""
+        elif anchor: out[anchor] += line + "\n"
+    return out
+
+
+def test_every_alert_has_a_runbook_url_into_its_runbook_section():
+    "runbook_url = the published runbook page + an anchor that exists; that section names the alert."
+    page = site_url() + "explanations/runbook.html"
+    sections = runbook_sections()
+    alerts = [r for r in rules() if "alert" in r]
+    assert len({r["alert"] for r in alerts}) >= 14
+    for r in alerts:
+        url = r.get("annotations", {}).get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        assert base == page and anchor, f"{r['alert']}: runbook_url {url!r} is not {page}#<section>"
+        assert anchor in sections, f"{r['alert']}: the runbook has no section #{anchor}"
+        assert r["alert"] in sections[anchor], f"{r['alert']}: section #{anchor} does not mention it"
+    # the check can fail: an anchor that is not a heading of the runbook
+    assert "alert-nosuchalert" not in sections and "monitoring" in sections
+
+
+# ---- Alertmanager -------------------------------------------------------------------------------------------------
+sys.path.insert(0, str(ROOT / "scripts"))
+import validate_manifests as vm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rendered_alertmanager() -> dict[str, list[dict]]:
+    "The alerting objects of every overlay, as kubectl kustomize renders them."
+    kubectl = require(vm.find_tool("kubectl"), "kubectl", "run scripts/install-tools.sh")
+    return {o: vm.render(o, kubectl) for o in ("local", "prod")}
+
+
+def _amtool(path) -> subprocess.CompletedProcess:
+    return subprocess.run([need("amtool"), "check-config", str(path)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("overlay", ["local", "prod"])
+def test_amtool_checks_the_rendered_alertmanager_config(rendered_alertmanager, overlay, tmp_path):
+    """amtool check-config on the alertmanager.yml of the ConfigMap the Deployment mounts, as rendered; the
+    receiver reads its token from the path where the Deployment mounts the Secret alertmanager-receiver."""
+    docs = rendered_alertmanager[overlay]
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "alertmanager")
+    spec = dep["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    cm_name = vols["config"]["configMap"]["name"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_name)
+    text = cm["data"]["alertmanager.yml"]
+    assert text == ALERTMANAGER.read_text()
+    (tmp_path / "alertmanager.yml").write_text(text)
+    out = _amtool(tmp_path / "alertmanager.yml")
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+    cfg = yaml.safe_load(text)
+    (hook,) = next(r for r in cfg["receivers"] if r["name"] == cfg["route"]["receiver"])["webhook_configs"]
+    token_file = hook["http_config"]["authorization"]["credentials_file"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "receiver")
+    secret = vols["receiver"]["secret"]
+    assert secret["secretName"] == "alertmanager-receiver"
+    assert token_file == f"{mount['mountPath']}/{secret['items'][0]['path']}" and secret["items"][0]["key"] == "token"
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in spec["containers"][0]["args"]
+    # Prometheus sends to the Service that selects these pods
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "alertmanager")
+    assert svc["spec"]["ports"][0]["port"] == 9093
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_amtool_check_config_can_fail(tmp_path):
+    "amtool refuses a route to a receiver that does not exist, and a field Alertmanager does not know."
+    cfg = yaml.safe_load(ALERTMANAGER.read_text())
+    cfg["route"]["receiver"] = "nobody"
+    (tmp_path / "a.yml").write_text(yaml.safe_dump(cfg))
+    out = _amtool(tmp_path / "a.yml")
+    assert out.returncode != 0 and "nobody" in out.stdout + out.stderr
+    cfg = yaml.safe_load(ALERTMANAGER.read_text())
+    cfg["receivers"][0]["webhook_configs"][0]["urll"] = "https://x.invalid"
+    (tmp_path / "b.yml").write_text(yaml.safe_dump(cfg))
+    assert _amtool(tmp_path / "b.yml").returncode != 0
 
 
 # ---- one place for metric names ---------------------------------------------------------------------------------
@@ -230,15 +338,56 @@ def exporter():
     assert alive, "the synthetic exporter's thread died (see the thread exception above)"
 
 
+# the platform's series (kube-state-metrics, its custom-resource config, the kubelet) as a healthy system shows them
+PLATFORM = [
+    ("kube_job_failed", {"namespace": "spam-mlops", "job_name": "mlflow-backup-29140", "condition": "true"}, 0),
+    ("kube_job_owner", {"namespace": "spam-mlops", "job_name": "mlflow-backup-29140", "owner_kind": "CronJob",
+                        "owner_name": "mlflow-backup", "owner_is_controller": "true"}, 1),
+    ("kube_customresource_rayjob_job_status", {"namespace": "spam-mlops", "name": "spam-train-x",
+                                               "job_status": "FAILED"}, 0),
+    ("kube_customresource_rayjob_deployment_status", {"namespace": "spam-mlops", "name": "spam-train-x",
+                                                      "deployment_status": "Failed"}, 0),
+    ("kube_customresource_rollout_phase", {"namespace": "spam-mlops", "name": "spam-api", "phase": "Degraded"}, 0),
+    ("kube_pod_container_status_last_terminated_reason", {"namespace": "spam-mlops", "pod": "spam-api-x",
+                                                          "container": "spam-api", "reason": "OOMKilled"}, 0),
+    ("kube_pod_container_status_restarts_total", {"namespace": "spam-mlops", "pod": "spam-api-x",
+                                                  "container": "spam-api"}, 0),
+    ("kube_pod_container_status_terminated_reason", {"namespace": "spam-mlops", "pod": "drift-x",
+                                                     "container": "drift", "reason": "OOMKilled"}, 0),
+    ("kubelet_volume_stats_used_bytes", {"namespace": "spam-mlops", "persistentvolumeclaim": "data-minio-0"}, 4e9),
+    ("kubelet_volume_stats_capacity_bytes", {"namespace": "spam-mlops", "persistentvolumeclaim": "data-minio-0"}, 1e10),
+]
+
+
 @pytest.fixture(scope="module")
-def prometheus(exporter, tmp_path_factory):
+def platform_exporter():
+    "The PLATFORM series on an HTTP endpoint (scraped as job kube-state-metrics); yields its port."
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+    reg, port, gauges = CollectorRegistry(), free_port(), {}
+    for name, labels, value in PLATFORM:
+        if name not in gauges: gauges[name] = Gauge(name, name, list(labels), registry=reg)
+        gauges[name].labels(**labels).set(value)
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=reg)
+    yield port
+    server.shutdown()
+
+
+def platform_alerts() -> set[str]:
+    return {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"] == "spam-mlops.platform"
+            for r in g["rules"]}
+
+
+@pytest.fixture(scope="module")
+def prometheus(exporter, platform_exporter, tmp_path_factory):
     "A real Prometheus scraping the exporter every second and evaluating the rules; yields its base URL."
     need("prometheus")
     cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
            "scrape_configs": [{"job_name": "spam-api", "honor_labels": True, "static_configs": [{
                "targets": [f"127.0.0.1:{exporter}"],
                # what the kubernetes_sd relabelling adds in the cluster
-               "labels": {"pod": "spam-api-abc123-x", "rollouts_pod_template_hash": "abc123"}}]}]}
+               "labels": {"pod": "spam-api-abc123-x", "rollouts_pod_template_hash": "abc123"}}]},
+               {"job_name": "kube-state-metrics", "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{platform_exporter}"]}]}]}
     with prometheus_server(tmp_path_factory.mktemp("prometheus"), cfg) as srv:
         try: wait_until(lambda: _query(srv.url, "spam_api:latency_seconds:p95_5m"), 60, "recording rules' first data")
         except TimeoutError as e: pytest.fail(f"{e}\n{srv.log_tail(2000)}")
@@ -266,6 +415,8 @@ def test_every_alert_expression_evaluates(prometheus):
         firing = _query(prometheus, r["expr"])
         if r["alert"] == "SpamApiHighErrorRate":  # the exporter fails 2.4 % of requests: under the threshold
             assert firing == []
+        if r["alert"] in platform_alerts():  # a healthy platform: nothing failed, volumes 40 % full
+            assert firing == [], (r["alert"], firing)
         as_bool = re.sub(r"(>=|<=|==|!=|>|<)\s*(?=[\d(])", r"\1 bool ", r["expr"])
         assert _query(prometheus, as_bool), f"{r['alert']}: no data for {as_bool}"
 

@@ -8,6 +8,7 @@ from .servers import (
     IN_CI,
     PROMETHEUS_HINT,
     ManagedServer,
+    alertmanager_server,
     answers,
     cli_server,
     free_port,
@@ -23,6 +24,7 @@ from .servers import (
 )
 
 __all__ = ["BIN", "IN_CI", "PG", "PROMETHEUS_HINT", "ROOT", "SHARED_CORPUS", "SPAM_TEXT", "ManagedServer",
+           "alertmanager_server",
            "answers", "cli_server", "corpus_path", "demo_model", "free_port", "group_members",
            "mlflow_server", "moto_server", "pg_exec", "pipeline_settings", "prometheus_server",
            "pushgateway_server", "register_champion", "require", "tool", "train_champion", "wait_http",

@@ -1,7 +1,7 @@
 """Servers that tests start: one `ManagedServer` (a subprocess in its own process group, output to a log file,
 ready when a URL answers or a predicate holds, stopped by pid with the whole group checked gone), one
 `free_port`, one polling helper, and the commands of the servers the tests use (moto, MLflow, Prometheus,
-Pushgateway, the spam-mlops CLI)."""
+Pushgateway, Alertmanager, the spam-mlops CLI)."""
 from __future__ import annotations
 
 import os
@@ -199,7 +199,8 @@ def mlflow_server(log: Path, backend_uri: str | None, artifacts: str, port: int 
                          url=url)
 
 
-PROMETHEUS_HINT = "run scripts/install-tools.sh (Debian packages prometheus, prometheus-pushgateway)"
+PROMETHEUS_HINT = ("run scripts/install-tools.sh (Debian packages prometheus, prometheus-pushgateway, "
+                   "prometheus-alertmanager)")
 
 
 def prometheus_server(folder: Path, config: dict, port: int | None = None) -> ManagedServer:
@@ -224,6 +225,24 @@ def pushgateway_server(folder: Path, port: int | None = None) -> ManagedServer:
     url = f"http://127.0.0.1:{port}"
     return ManagedServer([tool("prometheus-pushgateway", PROMETHEUS_HINT), f"--web.listen-address=127.0.0.1:{port}"],
                          f"{url}/-/ready", folder / "pushgateway.log", url=url)
+
+
+def alertmanager_server(folder: Path, config: dict, port: int | None = None) -> ManagedServer:
+    """A real Alertmanager (Debian's prometheus-alertmanager) with `config` (the alertmanager.yml content, checked
+    by `amtool check-config` first), one instance (no cluster port), its data under `folder`; `.url` is its address.
+    Not started yet."""
+    import yaml
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    check = subprocess.run([tool("amtool", PROMETHEUS_HINT), "check-config", str(folder / "alertmanager.yml")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    binary = shutil.which("prometheus-alertmanager") or tool("alertmanager", PROMETHEUS_HINT)
+    url = f"http://127.0.0.1:{port}"
+    return ManagedServer([binary, f"--config.file={folder / 'alertmanager.yml'}", f"--storage.path={folder / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                         f"{url}/-/ready", folder / "alertmanager.log", name="alertmanager", url=url)
 
 
 def cli_server(args: list[str], ready: str | Callable[[], object], log: Path,
