@@ -49,7 +49,7 @@ demo: install
 
 test: install tools
 	$(BIN)/nbdev-test --n-workers 2
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=30
 
 # notebooks and library in sync, outputs clean (CI fails on any diff)
 check: install

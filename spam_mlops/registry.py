@@ -25,9 +25,9 @@ from .resilience import DependencyDown
 
 # %% auto #0
 __all__ = ['CHAMPION', 'MLFLOW_HTTP_BOUNDS', 'HISTORY_TAG', 'HISTORY_KEEP', 'RegistryError', 'RegistryUnreachable', 'redact',
-           'absolute_uri', 'client', 'check_health', 'bounded_http', 'ensure_experiment', 'using', 'alias_version',
-           'parse_uri', 'resolve', 'keras_file', 'download', 'load_keras', 'champion_history', 'set_champion',
-           'rollback', 'data_versions', 'ModelCache']
+           'absolute_uri', 'client', 'check_health', 'bounded_http', 'ensure_experiment', 'register', 'using',
+           'alias_version', 'parse_uri', 'resolve', 'keras_file', 'download', 'load_keras', 'champion_history',
+           'set_champion', 'rollback', 'data_versions', 'ModelCache']
 
 # %% ../nbs/12_registry.ipynb #21c7cbf6
 _log = logging.getLogger(__name__)
@@ -89,6 +89,21 @@ def ensure_experiment(client, name: str) -> str:
     uri, loc = client.tracking_uri, None
     if uri.startswith("sqlite:///"): loc = (Path(absolute_uri(uri)[len("sqlite:///"):]).parent / "mlruns").as_uri()
     return client.create_experiment(name, artifact_location=loc)
+
+
+def register(client, name: str,  # the registered model, created if it does not exist
+             model_uri: str,  # a logged model: models:/m-<id> (as log_model returns it) or runs:/<run>/<path>
+             run_id: str | None = None) -> str:  # the run that logged it
+    "A new version of `name` from `model_uri`; its number. Unlike `mlflow.register_model`, it prints nothing."
+    from mlflow.exceptions import MlflowException
+    try: client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"): raise
+    source, model_id = model_uri, None
+    if model_uri.startswith("models:/m-"):  # MLflow's SQL store would look this up through the process-wide URI
+        logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+        source, model_id, run_id = logged.artifact_location, logged.model_id, run_id or logged.source_run_id
+    return str(client.create_model_version(name, source, run_id=run_id, model_id=model_id).version)
 
 # %% ../nbs/12_registry.ipynb #47c21f8f
 _FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")

@@ -38,7 +38,7 @@ from . import cluster, registry
 from .config import Settings, SpamMlopsError, TrainSettings, get_settings
 from .feature_store import FeatureStoreError, MissingFeaturesError, historical_features
 from .features import read_features
-from .frame import (FEEDBACK_SOURCE, SPLIT_FRACTIONS, TrainError, _table, cap_feedback, combine, feedback_rows,
+from .frame import (FEEDBACK_SOURCE, SPLIT_FRACTIONS, TrainError, cap_feedback, combine, feedback_rows,
                               frame_lineage, lineage_tags, log_lineage, resolve_as_of, sample_frame, split_frame,
                               split_of, split_recent, versions_at)
 from .ingest import MANIFEST
@@ -48,7 +48,7 @@ from .model import DEFAULT_CONFIG, SpamModel, _requirements, build_model, class_
 from .model import export_model, fit_model, make_vectorizer, predict_texts, prepare_data, train_baseline
 from .profile import BASELINE_ARTIFACT, log_baseline, profile_from_parts
 from .registry import RegistryError
-from .tables import TableError
+from .tables import Table, TableError
 
 # %% auto #0
 __all__ = ['RECALL_FLOOR', 'FEATURES_SOURCES', 'build_frame', 'training_frame', 'raw_sha256', 'epoch_logger',
@@ -63,7 +63,7 @@ FEATURES_SOURCES = ("feast", "lake")  # where the training frame's features come
 def _curated_rows(lake: Lake, version: int | None = None, settings: Settings | None = None,
                   ) -> tuple[pd.DataFrame, int]:
     "message_id, label, clean_text, batch_id, curated_at of the curated table at `version` (default: latest), sorted."
-    cur = _table(lake, "curated", settings)
+    cur = Table(lake, "curated", settings)
     if not cur.exists(): raise TrainError(f"no curated data at {cur.uri}: run `spam-mlops curate` first")
     version = cur.version() if version is None else version
     try: df = cur.read(version=version)
@@ -371,7 +371,7 @@ def _log_inputs(settings, lake, c, sample_n, workers, gate: TrainSettings, featu
                        "split_fractions": list(SPLIT_FRACTIONS), "as_of": as_of or "latest", **gate.model_dump()})
     versions = None if as_of is None else resolve_as_of(as_of, settings, lake)
     df, lineage = build_frame(settings, lake, features_source, versions, share_max=gate.feedback_share_max)
-    log_lineage(df, lineage, _table(lake, "curated", settings).uri)
+    log_lineage(df, lineage, Table(lake, "curated", settings).uri)
     if (versions or {}).get("digest"):  # a rebuild of a logged frame: is it the same frame?
         mlflow.set_tag("data.as_of_digest_matches", versions["digest"] == lineage["digest"])
     parts = split_frame(cap_feedback(sample_frame(df, sample_n, c["seed"]), gate.feedback_share_max))
@@ -416,8 +416,8 @@ def _register_and_gate(settings, run_id, served, vocabulary, c, parts, m, gate: 
     example = test.clean_text.head(3).astype(str).tolist()
     uri = log_served_model(served, vocabulary, c["max_len"], example)
     mlflow.set_tag("keras_model_uri", log_keras_flavour(served, example))
-    version = str(mlflow.register_model(uri, settings.model_name).version)
     client = registry.client(settings.mlflow_tracking_uri)
+    version = registry.register(client, settings.model_name, uri, run_id)
     for k, v in lineage_tags(lineage).items(): client.set_model_version_tag(settings.model_name, version, k, v)
     # the drift stage's reference: training-split features, validation text and predictions of this model
     log_baseline(profile_from_parts(parts, vocabulary, lambda t: predict_texts(served, t),

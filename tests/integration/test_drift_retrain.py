@@ -101,7 +101,8 @@ def test_drifted_window_waits_for_labels_then_triggers_exactly_one_retraining(tr
     from spam_mlops import drift as dr
     from spam_mlops.demo import campaign, simulate_traffic
     from spam_mlops.lake import Lake
-    from spam_mlops.predlog import FEEDBACK, _table, feedback_frame
+    from spam_mlops.predlog import FEEDBACK, feedback_frame
+    from spam_mlops.tables import Table
     settings, first = trained
     simulate_traffic(settings, n=600, foreign=True, seed=2)
     cfg, retrain = _settings()
@@ -113,7 +114,7 @@ def test_drifted_window_waits_for_labels_then_triggers_exactly_one_retraining(tr
         == "none"  # the champion was trained before any feedback
     rows = [line.split("\t", 1) for line in campaign(120, 8).decode().splitlines()]
     labels = pd.DataFrame(rows, columns=["label", "text"]).drop_duplicates("text")
-    fv = _table(Lake.from_settings(settings), FEEDBACK).append(feedback_frame(labels, "import"))
+    fv = Table(Lake.from_settings(settings), FEEDBACK).append(feedback_frame(labels, "import"))
     out = dr.drift(settings, cfg, retrain)
     r = out.report
     assert r["decision"]["drift_detected"] and r["decision"]["groups"]["text"], r["decision"]

@@ -19,7 +19,7 @@ from spam_mlops.features import FEATURE_TYPES, compute_features
 from spam_mlops.frame import FEEDBACK_SOURCE, TrainError, frame_digest, resolve_as_of
 from spam_mlops.ingest import message_id
 from spam_mlops.lake import Lake
-from spam_mlops.predlog import FEEDBACK, _table, feedback_frame
+from spam_mlops.predlog import FEEDBACK, feedback_frame
 from spam_mlops.tables import Table
 from spam_mlops.train import build_frame, load_keras_model, predict_texts, promote, split_frame, split_recent, train
 
@@ -36,7 +36,7 @@ def _campaign(n: int, seed: int) -> pd.DataFrame:
 def _label(lake: Lake, df: pd.DataFrame, start: pd.Timestamp = T0) -> int:
     "Append `df` (text, label[, api_key_id]) to the feedback table as imported labels, one second apart; its version."
     df = df.assign(received_at=[start + pd.Timedelta(seconds=i) for i in range(len(df))])
-    return _table(lake, FEEDBACK).append(feedback_frame(df, "import"))
+    return Table(lake, FEEDBACK).append(feedback_frame(df, "import"))
 
 
 @pytest.fixture(scope="module")

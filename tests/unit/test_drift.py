@@ -24,6 +24,7 @@ from spam_mlops.features import compute_features
 from spam_mlops.lake import Lake
 from spam_mlops.predlog import prediction_table
 from spam_mlops.profile import profile_from_parts
+from spam_mlops.tables import Table
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
@@ -196,7 +197,7 @@ def test_drift_waits_for_new_labels_then_retrains(env, profile):
     assert "spam_drift_labels_needed 30.0" in text and "spam_drift_detected 1.0" in text  # the alert's gauge
     texts = foreign_texts(80, 9)
     labels = pd.DataFrame({"text": texts, "label": ["ham"] * len(texts)}).drop_duplicates("text")
-    predlog._table(lake, predlog.FEEDBACK).append(predlog.feedback_frame(labels, "import", NOW))
+    Table(lake, predlog.FEEDBACK).append(predlog.feedback_frame(labels, "import", NOW))
     go = dr.drift(settings, cfg, RETRAIN, NOW + timedelta(minutes=5), profile=profile, run_local=trainer,
                   mlflow_log=False)
     assert go.status == "ok" and go.report["retraining"]["action"] == "finished" and len(calls) == 1
