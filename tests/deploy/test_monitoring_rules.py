@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -431,3 +432,62 @@ def test_canary_analysis_queries_pass_on_healthy_series(prometheus):
     assert 0 < err < 0.05 and 0 < p95 < 0.1
     # an unknown revision has no data: the analysis treats it as inconclusive, never as a pass
     assert all(_query(prometheus, q) == [] for _, q in analysis_queries("no-such-hash"))
+
+
+# ---- the prometheus-operator component (optional) ---------------------------------------------------------------
+OPERATOR = MON / "prometheus-operator"
+
+
+def test_prometheus_rule_is_generated_from_the_rules():
+    "The PrometheusRule is monitoring/alert-rules.yaml as scripts/prometheus_rule.py writes it (not a stale copy)."
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "prometheus_rule.py"), "--check"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rule = yaml.safe_load((OPERATOR / "prometheus-rule.yaml").read_text())
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_prometheus_operator_component_mirrors_the_scrape_jobs(tmp_path):
+    """prod + the component renders; every PodMonitor/ServiceMonitor selects pods or a Service of the render by a
+    port they have, and together they cover the scrape jobs of prometheus.yml (but Prometheus itself and the
+    kubelets, which kube-prometheus-stack scrapes already)."""
+    kubectl = require(vm.find_tool("kubectl"), "kubectl", "run scripts/install-tools.sh")
+    rel = lambda p: os.path.relpath(p, tmp_path)  # noqa: E731 (kustomize wants relative paths)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "spam-mlops",
+        "resources": [rel(ROOT / "k8s" / "overlays" / "prod")], "components": [rel(OPERATOR)]}))
+    docs = vm.render(tmp_path, kubectl)
+    monitors = [d for d in docs if d["kind"] in ("PodMonitor", "ServiceMonitor")]
+    assert all(d["metadata"]["namespace"] == "spam-mlops" for d in monitors)
+    jobs = {j["job_name"] for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"]}
+    assert {d["metadata"]["name"] for d in monitors} == jobs - {"prometheus", "kubelet"}
+    pods = [x for d in docs for x in _pod_templates(d)]
+    services = [(d["metadata"].get("labels", {}), {p["name"] for p in d["spec"]["ports"]})
+                for d in docs if d["kind"] == "Service"]
+    for m in monitors:
+        want = m["spec"]["selector"]["matchLabels"]
+        if m["kind"] == "PodMonitor": targets, ports = pods, [e["port"] for e in m["spec"]["podMetricsEndpoints"]]
+        else: targets, ports = services, [e["port"] for e in m["spec"]["endpoints"]]
+        hits = [names for labels, names in targets if want.items() <= labels.items()]
+        assert hits, f"{m['kind']} {m['metadata']['name']} selects nothing"
+        assert all(set(ports) <= names for names in hits), (m["metadata"]["name"], ports, hits)
+        if m["kind"] == "ServiceMonitor": assert len(hits) == 1, f"{m['metadata']['name']} selects {len(hits)} Services"
+    api = next(m for m in monitors if m["metadata"]["name"] == "spam-api")
+    assert {r["targetLabel"] for r in api["spec"]["podMetricsEndpoints"][0]["relabelings"]} == \
+        {"pod", "rollouts_pod_template_hash"}
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def _pod_templates(d: dict) -> list[tuple[dict, set[str]]]:
+    "(labels, container port names) of every pod template of a workload."
+    s = d.get("spec") or {}
+    if d["kind"] in ("Deployment", "StatefulSet", "Job"): templates = [s["template"]]
+    elif d["kind"] == "CronJob": templates = [s["jobTemplate"]["spec"]["template"]]
+    elif d["kind"] == "RayJob":
+        rc = s["rayClusterSpec"]
+        templates = [rc["headGroupSpec"]["template"], *(w["template"] for w in rc.get("workerGroupSpecs", []))]
+    else: return []
+    return [(t.get("metadata", {}).get("labels", {}),
+             {p["name"] for c in t["spec"]["containers"] for p in c.get("ports", []) if "name" in p})
+            for t in templates]
