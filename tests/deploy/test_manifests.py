@@ -463,8 +463,9 @@ def _expand(arg: str, env: dict[str, str]) -> str:
 @pytest.mark.integration
 def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path):
     """The rendered MLflow container's args and env, expanded as the kubelet would, start a real `mlflow server`
-    on the PostgreSQL here with artifacts on the S3 test server: it answers /health, serves /metrics
-    (--expose-prometheus), accepts the in-cluster Host headers it lists (with and without port) and refuses others."""
+    on the PostgreSQL here with artifacts on the S3 test server, its basic-auth app configured from the rendered
+    ConfigMap mlflow-auth: it answers /health, serves /metrics (--expose-prometheus), refuses anonymous calls (401),
+    accepts the in-cluster Host headers it lists (with and without port) and refuses others."""
     import uuid
 
     import boto3
@@ -474,11 +475,19 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["args"][:2] == ["mlflow", "server"]
     db, port = f"spam_manifest_{uuid.uuid4().hex[:8]}", free_port()
-    secrets = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-with-trust-auth",
-               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    admin = ("admin", uuid.uuid4().hex)
+    secrets = {"PGUSER": "postgres", "PGPASSWORD": "unused-with-trust-auth", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+               "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
     env = {e["name"]: e.get("value", secrets.get(e["name"])) for e in c["env"]}
     assert None not in env.values(), env
-    env |= {"MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    ini = objects(rendered["local"], "ConfigMap")["mlflow-auth"]["data"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text(ini.replace("@postgres:5432/mlflow", f"@127.0.0.1:5432/{db}")
+                                             .replace("//postgres:5432/mlflow", f"//127.0.0.1:5432/{db}"))
+    env |= {"MLFLOW_S3_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+            "MLFLOW_BACKEND_STORE_URI": env["MLFLOW_BACKEND_STORE_URI"].replace("//postgres:5432/mlflow",
+                                                                                f"//127.0.0.1:5432/{db}")}
     args = [_expand(a, env) for a in c["args"][2:]]
     assert not any("$(" in a for a in args), args
     # the cluster's addresses become this machine's: the Service names, the pod's listen address and port
@@ -494,14 +503,17 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
     try:
         srv.start(timeout=120)
         search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(url + search, headers={"Host": "mlflow:5000"}, timeout=10).status_code == 401
+        auth = requests.Session()
+        auth.auth = admin
         for host in ("mlflow", "mlflow:5000", "mlflow.spam-mlops.svc.cluster.local:5000", "mlflow.spam-mlops:5000"):
-            assert requests.get(url + search, headers={"Host": host}, timeout=10).status_code == 200, host
-        assert requests.get(url + search, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
+            assert auth.get(url + search, headers={"Host": host}, timeout=10).status_code == 200, host
+        assert auth.get(url + search, headers={"Host": "attacker.example:5000"}, timeout=10).status_code == 403
         svc = {"Host": "mlflow:5000"}  # what in-cluster clients send (MLFLOW_TRACKING_URI=http://mlflow:5000)
-        r = requests.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "manifest-check"}, headers=svc,
+        r = auth.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": "manifest-check"}, headers=svc,
                           timeout=10)
         assert r.ok, r.text
-        exp = requests.get(f"{url}/api/2.0/mlflow/experiments/get", params={"experiment_id": r.json()["experiment_id"]},
+        exp = auth.get(f"{url}/api/2.0/mlflow/experiments/get", params={"experiment_id": r.json()["experiment_id"]},
                            headers=svc, timeout=10).json()["experiment"]
         assert exp["artifact_location"].startswith("mlflow-artifacts:")  # proxied: clients need no S3 credentials
         # Prometheus scrapes the pod by its IP (kubernetes_sd): the Host header is the pod's address
