@@ -70,6 +70,8 @@ log "context $("$KUBECTL" config current-context), overlay $OVERLAY"
 "$KUBECTL" get crd rayjobs.ray.io >/dev/null 2>&1 || die "KubeRay is not installed (CRD rayjobs.ray.io): see the runbook, Install order"
 if [[ "$OVERLAY" == prod ]]; then
     "$KUBECTL" get crd rollouts.argoproj.io >/dev/null 2>&1 || die "Argo Rollouts is not installed (CRD rollouts.argoproj.io)"
+    "$KUBECTL" get crd clusterpolicies.kyverno.io >/dev/null 2>&1 \
+        || die "Kyverno is not installed (CRD clusterpolicies.kyverno.io): it verifies the images' signatures at admission"
 fi
 
 RENDERED="$(mktemp -t spam-mlops-XXXXXX.yaml)"

@@ -415,7 +415,7 @@ def test_dockerignore_keeps_build_inputs_only():
 
 
 # ---- CI workflow and deploy script -----------------------------------------------------------------------------------
-def test_ci_workflow_builds_and_bumps_the_prod_tag(tmp_path):
+def test_ci_workflow_builds_and_bumps_the_prod_digests(tmp_path):
     wf = yaml.safe_load((ROOT / ".github" / "workflows" / "ci-cd.yaml").read_text())
     jobs = wf["jobs"]
     assert {"test", "images", "bump-prod"} <= set(jobs)
@@ -425,19 +425,21 @@ def test_ci_workflow_builds_and_bumps_the_prod_tag(tmp_path):
     built = {build["with"]["file"].replace("${{ matrix.image }}", m) for m in images}
     assert built == {"docker/Dockerfile.jobs", "docker/Dockerfile.serve"} and all((ROOT / f).is_file() for f in built)
     assert build["with"]["push"] is True and "sha-${{ github.sha }}" in build["with"]["tags"]
-    # the bump step's command, run here on a copy of the repo's overlay, changes exactly the two tags
-    bump = next(s["run"] for s in jobs["bump-prod"]["steps"] if "set-image-tag" in s.get("name", ""))
+    # the bump step's command, run here on a copy of the repo's overlay, pins exactly the two images by digest
+    step = next(s for s in jobs["bump-prod"]["steps"] if "set-image-digest" in s.get("name", ""))
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "k8s", work / "k8s")
     shutil.copytree(ROOT / "argocd", work / "argocd")
     shutil.copytree(ROOT / "monitoring", work / "monitoring")
-    out = subprocess.run(["bash", "-ec", bump], cwd=work, capture_output=True, text=True,
-                         env={**os.environ, "TAG": "sha-0123abc"})
+    digests = {"DIGEST_JOBS": "sha256:" + "1" * 64, "DIGEST_SERVE": "sha256:" + "2" * 64}
+    out = subprocess.run(["bash", "-ec", step["run"]], cwd=work, capture_output=True, text=True,
+                         env={**os.environ, **digests})
     assert out.returncode == 0, out.stderr
     docs = vm.render(work / "k8s" / "overlays" / "prod", tool("kubectl"))
     images = {c["image"] for d in docs for _, spec in vm.pod_specs(d) for c in spec.get("containers", [])}
     ours = {i for i in images if "spam-mlops-" in i}
-    assert ours == {"ghcr.io/spam-mlops/spam-mlops-jobs:sha-0123abc", "ghcr.io/spam-mlops/spam-mlops-serve:sha-0123abc"}
+    assert ours == {"ghcr.io/spam-mlops/spam-mlops-jobs@" + digests["DIGEST_JOBS"],
+                    "ghcr.io/spam-mlops/spam-mlops-serve@" + digests["DIGEST_SERVE"]}
 
 
 def test_deploy_dry_run_renders_and_validates_without_a_cluster():
