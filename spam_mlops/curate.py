@@ -97,7 +97,7 @@ def _sub(a: pa.Array, pattern: str, token: str, needle: str | None) -> pa.Array:
 
 
 def _clean(a: pa.Array) -> pa.Array:
-    a = pc.utf8_lower(_unescape(a))
+    a = pc.binary_join(pc.utf8_split_whitespace(pc.utf8_lower(_unescape(a))), " ")  # "0800\t169" is "0800 169"
     for pattern, token, needle in _RULES: a = _sub(a, pattern, token, needle)
     a = pc.replace_substring(pc.replace_substring(a, "!", " ! "), "?", " ? ")
     return pc.binary_join(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(a)), " ")  # collapse, trim

@@ -2,8 +2,8 @@
 string-input model), in the manner of CheckList (Ribeiro et al., 2020):
 
 - invariance: a message and its upper-cased, lower-cased, swapped-case and extra-whitespace variants get the
-  same spam probability (within 1e-6), since clean_text lowercases and collapses whitespace (one known gap:
-  whitespace inside a phone number, see SPACES_GAP);
+  same spam probability (within 1e-6), since clean_text lowercases and collapses whitespace (also inside a phone
+  number or an amount, before its token rules);
 - direction: adding a URL, a phone number or a money prize to a ham message does not lower its spam
   probability on average over the test split's ham messages.
 
@@ -28,11 +28,6 @@ VARIANTS = {
     "padding": lambda t: " \t " + t + " \n ",
     "spaces": lambda t: re.sub(" ", " \t  ", t),
 }
-# Known gap (curate): clean_text collapses whitespace only after its token rules, and PHONE_RE / MONEY_RE allow one
-# space inside a number ("0800 169 6031", "£ 100"): with tabs or double spaces there the number becomes several
-# `xnum` tokens instead of `xphone`. 36 messages of the corpus change; the fix is to collapse whitespace first in
-# curate._clean. Strict: this test reports XPASS as a failure once curate is fixed, so the mark is then removed.
-SPACES_GAP = "curate.clean_text applies PHONE_RE/MONEY_RE before collapsing whitespace (see SPACES_GAP above)"
 PERTURBATIONS = {
     "url": lambda t: f"{t} http://www.claim-now.example/win",
     "phone": lambda t: f"{t} 09061701461",
@@ -92,8 +87,7 @@ def test_the_model_learned_something(score, trained, ham):
     assert len(ham) > 300
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.xfail(reason=SPACES_GAP, strict=True))
-                                     if v == "spaces" else v for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_invariant_to_case_and_whitespace(score, trained, variant):
     texts = trained[1].text.astype(str).tolist()  # ham and spam
     assert invariance_gap(score, texts, VARIANTS[variant]) < TOLERANCE
