@@ -518,8 +518,11 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
         exp = auth.get(f"{url}/api/2.0/mlflow/experiments/get", params={"experiment_id": r.json()["experiment_id"]},
                            headers=svc, timeout=10).json()["experiment"]
         assert exp["artifact_location"].startswith("mlflow-artifacts:")  # proxied: clients need no S3 credentials
-        # Prometheus scrapes the pod by its IP (kubernetes_sd): the Host header is the pod's address
-        metrics = requests.get(f"{url}/metrics", headers={"Host": "10.42.0.17:5000"}, timeout=10)
+        # Prometheus scrapes the pod by its IP (kubernetes_sd): the Host header is the pod's address. Under
+        # basic-auth /metrics answers the admin only (fail-closed: no permission rule covers it), anonymous gets 401
+        pod = {"Host": "10.42.0.17:5000"}
+        assert requests.get(f"{url}/metrics", headers=pod, timeout=10).status_code == 401
+        metrics = auth.get(f"{url}/metrics", headers=pod, timeout=10)
         assert metrics.status_code == 200, metrics.text[:200]
         assert re.search(r"^mlflow_\w+", metrics.text, re.M), metrics.text[:500]
     finally:

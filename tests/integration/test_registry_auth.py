@@ -101,6 +101,10 @@ def test_alias_moves_need_the_writer_and_the_reader_still_serves(auth_server, ma
     assert requests.post(url + ALIAS, json=body, auth=reader, timeout=10).status_code == 403
     assert requests.get(url + "/api/2.0/mlflow/registered-models/get", params={"name": NAME}, auth=reader,
                         timeout=10).ok  # ... though it may read the model
+    # /metrics: basic-auth fails closed on routes it has no rule for, so only the admin may scrape it (the admin's
+    # 200 with --expose-prometheus: tests/deploy/test_manifests.py)
+    assert requests.get(url + "/metrics", timeout=10).status_code == 401
+    assert requests.get(url + "/metrics", auth=reader, timeout=10).status_code == 403
     _as(monkeypatch, reader)
     with pytest.raises(RegistryError, match="cannot move"):
         registry.set_champion(registry.client(url), NAME, v1, "reader tries")
