@@ -30,7 +30,7 @@ from .config import BackupSettings, Settings, SpamMlopsError, get_settings
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['BackupError', 'BackupReport', 'backup', 'latest_backup', 'restore']
+__all__ = ['BackupError', 'backup_store', 'check_elsewhere', 'BackupReport', 'backup', 'latest_backup', 'restore']
 
 # %% ../nbs/11_backup.ipynb #22ba30f6
 class BackupError(SpamMlopsError):
@@ -48,6 +48,37 @@ def _store(uri: str, settings: Settings) -> Lake:
     "A folder or s3:// location, reached through the lake I/O layer."
     return Lake.from_settings(get_settings(**(settings.model_dump(exclude={"lake"}, exclude_none=True)
                                               | {"lake": uri})))
+
+
+def backup_store(settings: Settings, target: BackupSettings | None = None) -> Settings:
+    "The settings that reach the backup store: `settings` with the `SPAM_MLOPS_BACKUP_DEST_*` endpoint and keys."
+    t = target or get_settings(BackupSettings)
+    over = {"s3_endpoint": t.dest_endpoint, "aws_access_key_id": t.dest_access_key_id,
+            "aws_secret_access_key": t.dest_secret_access_key, "aws_region": t.dest_region}
+    over = {k: v for k, v in over.items() if v}
+    return get_settings(**(settings.model_dump(exclude_none=True) | over)) if over else settings
+
+
+def _bucket(uri: str, settings: Settings) -> tuple[str, str] | None:
+    "(endpoint, bucket) of an s3:// location (endpoint '' for AWS's default); None for a folder."
+    if not uri.startswith("s3://"): return None
+    return (settings.s3_endpoint or "").rstrip("/").lower(), uri[5:].split("/", 1)[0]
+
+
+def check_elsewhere(dest: str,  # the backup location
+                    protected: list[str],  # what it protects: the artifact store, the lake
+                    settings: Settings,  # how `protected` is reached
+                    target: BackupSettings | None = None):  # the backup store (default: from the environment)
+    """Refuse a backup location in a bucket of a store it protects (same endpoint, same bucket): losing that store
+    would lose the backup with it. `allow_same_store` (SPAM_MLOPS_BACKUP_ALLOW_SAME_STORE) forces it."""
+    t = target or get_settings(BackupSettings)
+    where = _bucket(dest, backup_store(settings, t))
+    if where is None or t.allow_same_store: return
+    for uri in protected:
+        if _bucket(uri, settings) == where:
+            raise BackupError(f"backup destination {dest} is in bucket {where[1]} of the store it protects "
+                              f"({uri}): set SPAM_MLOPS_BACKUP_DEST_ENDPOINT to a second store, or "
+                              "SPAM_MLOPS_BACKUP_ALLOW_SAME_STORE=true to force it")
 
 
 def _pg(tool: str, *args: str) -> None:
@@ -87,14 +118,17 @@ def backup(db: str,  # MLflow database URL (postgresql://...; SQLAlchemy's postg
            dest: str,  # backup location: a folder or s3://bucket/prefix
            settings: Settings | None = None,  # S3 endpoint and credentials (default: from the environment)
            dump_file: str | None = None,  # a pg_dump -Fc file made beforehand, instead of running pg_dump here
+           target: BackupSettings | None = None,  # the backup store's endpoint and keys (default: environment)
            ) -> BackupReport:
     """Dump the MLflow database and copy the artifact store to `dest/<timestamp>/`, with a checksummed manifest.
 
     The CronJob makes `dump_file` in an init container from the database server's own image, because `pg_dump`
-    refuses a server of a newer major version than itself."""
+    refuses a server of a newer major version than itself. `dest` is reached through the backup store's settings
+    (`backup_store`) and must not be in a bucket of the store it protects (`check_elsewhere`)."""
     settings = settings or get_settings()
+    check_elsewhere(dest, [artifacts, settings.lake], settings, target)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    src, out = _store(artifacts, settings), _store(dest, settings)
+    src, out = _store(artifacts, settings), _store(dest, backup_store(settings, target))
     files = {"mlflow.dump": _dump(db, dump_file)}
     for rel in tqdm(src.list(""), desc="artifacts", unit="file", leave=False):
         files[f"artifacts/{rel}"] = src.read_bytes(rel)
@@ -120,9 +154,9 @@ def _create_database_if_missing(url: str) -> None:
     finally: con.close()
 
 
-def latest_backup(dest: str, settings: Settings | None = None) -> str:
-    "The newest complete backup (one with a manifest) under `dest`."
-    out = _store(dest, settings or get_settings())
+def latest_backup(dest: str, settings: Settings | None = None, target: BackupSettings | None = None) -> str:
+    "The newest complete backup (one with a manifest) under `dest`, on the backup store."
+    out = _store(dest, backup_store(settings or get_settings(), target))
     done = sorted(p.split("/")[0] for p in out.list("") if p.endswith("/manifest.json"))
     if not done: raise BackupError(f"no complete backup under {dest}")
     return out.url(done[-1])
@@ -132,10 +166,11 @@ def restore(location: str,  # a backup folder (see `latest_backup`)
             db: str,  # MLflow database URL to restore into (created if missing)
             artifacts: str,  # artifact store root to copy the artifacts back to
             settings: Settings | None = None,  # S3 endpoint and credentials (default: from the environment)
+            target: BackupSettings | None = None,  # the backup store's endpoint and keys (default: environment)
             ) -> BackupReport:
-    "Verify a backup's checksums, then restore the database and copy the artifacts back."
+    "Verify a backup's checksums (read from the backup store), then restore the database and copy the artifacts back."
     settings = settings or get_settings()
-    bk, dst = _store(location, settings), _store(artifacts, settings)
+    bk, dst = _store(location, backup_store(settings, target)), _store(artifacts, settings)
     manifest = bk.read_json("manifest.json")
     files = {}
     for rel, meta in manifest["files"].items():  # verify everything before changing anything

@@ -208,13 +208,19 @@ class RetrainSettings(Section):
 
 # %% ../nbs/08_config.ipynb #032b9773
 class BackupSettings(Section):
-    "Backups of MLflow (`spam_mlops.backup`): the database, the artifact store, where backups go."
+    "Backups of MLflow (`spam_mlops.backup`): the database, the artifact store, where backups go, on which store."
     model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_BACKUP_")
 
     db: str | None = Field(None, repr=False)  # MLflow database URL (may carry a password)
     artifacts: str | None = None  # artifact store root
     dest: str | None = None  # backup location: a folder or s3://bucket/prefix
     dump: str | None = None  # a pg_dump -Fc file made beforehand, instead of running pg_dump here
+    # the backup store: a second S3 endpoint (another failure domain than the lake's); unset: the lake's
+    dest_endpoint: Endpoint = None  # S3 endpoint of the backup store (http:// or https://)
+    dest_access_key_id: str | None = None  # its access key (default: AWS_ACCESS_KEY_ID)
+    dest_secret_access_key: str | None = Field(None, repr=False)  # its secret key (default: AWS_SECRET_ACCESS_KEY)
+    dest_region: str | None = None  # its region (default: AWS_DEFAULT_REGION)
+    allow_same_store: bool = False  # accept a backup into a bucket of the store it protects (refused otherwise)
 
 # %% ../nbs/08_config.ipynb #3e2a500b
 class TableSettings(Section):

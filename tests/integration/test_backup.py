@@ -113,3 +113,69 @@ def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
                    dump_file=str(tmp_path / "not-a-dump.sql"))
     finally:
         pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_backup_goes_to_a_second_store_and_restores_from_it(s3_env, tmp_path):
+    """Backups live elsewhere (issue 17, item 6): the CronJob's command writes to a second S3 server
+    (SPAM_MLOPS_BACKUP_DEST_ENDPOINT), nothing lands on the store it protects, and `spam-mlops restore` brings the
+    database and the artifacts back from the second store after both are lost. A destination in the lake's own
+    bucket is refused with one line, unless forced."""
+    import boto3
+    from support import moto_server
+
+    from spam_mlops.backup import BackupSettings
+    second = moto_server(tmp_path / "moto-backups.log").start(timeout=90)
+    db, lake = f"spam_bk2_{uuid.uuid4().hex[:10]}", f"lake-{uuid.uuid4().hex[:8]}"
+    url = f"postgresql://postgres@127.0.0.1:5432/{db}"
+    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    s3b = boto3.client("s3", endpoint_url=second.url, region_name="us-east-1", aws_access_key_id="backup",
+                       aws_secret_access_key="backup-secret")
+    s3.create_bucket(Bucket=lake)
+    s3b.create_bucket(Bucket="spam-backups")
+    s3.put_object(Bucket=lake, Key="mlflow/1/models/m-1/artifacts/model.keras", Body=b"weights")
+    pg_exec(f"CREATE DATABASE {db}")
+    try:
+        pg_exec("CREATE TABLE runs (id text primary key, mcc float)", db)
+        pg_exec("INSERT INTO runs VALUES ('r1', 0.963)", db)
+        dump = tmp_path / "mlflow.dump"
+        subprocess.run([shutil.which("pg_dump"), "-Fc", "--no-owner", "-f", str(dump), url], check=True, timeout=120)
+        s = get_settings(lake=f"s3://{lake}")
+        with pytest.raises(BackupError, match=f"in bucket {lake} of the store it protects"):
+            backup(url, f"s3://{lake}/mlflow", f"s3://{lake}/backups", s, dump_file=str(dump), target=BackupSettings())
+        forced = backup(url, f"s3://{lake}/mlflow", f"s3://{lake}/backups", s, dump_file=str(dump),
+                        target=BackupSettings(allow_same_store=True))
+        assert forced.location.startswith(f"s3://{lake}/backups/")
+
+        cli = [str(Path(sys.executable).parent / "spam-mlops")]
+        env = os.environ | {"SPAM_MLOPS_LAKE": f"s3://{lake}", "SPAM_MLOPS_BACKUP_DB": url,
+                            "SPAM_MLOPS_BACKUP_ARTIFACTS": f"s3://{lake}/mlflow", "SPAM_MLOPS_BACKUP_DUMP": str(dump),
+                            "SPAM_MLOPS_BACKUP_DEST": "s3://spam-backups/mlflow",
+                            "SPAM_MLOPS_BACKUP_DEST_ENDPOINT": second.url,
+                            "SPAM_MLOPS_BACKUP_DEST_ACCESS_KEY_ID": "backup",
+                            "SPAM_MLOPS_BACKUP_DEST_SECRET_ACCESS_KEY": "backup-secret"}
+        out = subprocess.run([*cli, "backup"], env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        assert "backup: 2 files" in out.stdout and "s3://spam-backups/mlflow/" in out.stdout, out.stdout
+        on_second = [o["Key"] for o in s3b.list_objects_v2(Bucket="spam-backups")["Contents"]]
+        assert any(k.endswith("/manifest.json") for k in on_second) and any(k.endswith("model.keras")
+                                                                            for k in on_second), on_second
+        assert "spam-backups" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}  # nothing on the lake's store
+
+        # disaster: the database and the artifact store are gone; restore from the second store
+        pg_exec(f"DROP DATABASE {db} WITH (FORCE)")
+        boto3.resource("s3", endpoint_url=s3_env, region_name="us-east-1").Bucket(lake).objects.all().delete()
+        out = subprocess.run([*cli, "restore"], env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        assert pg_exec("SELECT id, mcc FROM runs", db) == [("r1", 0.963)]
+        got = s3.get_object(Bucket=lake, Key="mlflow/1/models/m-1/artifacts/model.keras")["Body"].read()
+        assert got == b"weights"
+
+        # the CronJob's command refuses the lake's own bucket in one line
+        out = subprocess.run([*cli, "backup"], env=env | {"SPAM_MLOPS_BACKUP_DEST": f"s3://{lake}/backups",
+                                                          "SPAM_MLOPS_BACKUP_DEST_ENDPOINT": ""},
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 1 and out.stderr.strip().startswith(f"error: backup destination s3://{lake}/backups")
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    finally:
+        second.stop()
+        pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
