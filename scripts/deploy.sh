@@ -87,6 +87,8 @@ SECRETS=(
     "minio-credentials MINIO_ROOT_USER=minio-admin MINIO_ROOT_PASSWORD=RANDOM"
     "spam-mlops-s3 AWS_ACCESS_KEY_ID=spam-mlops AWS_SECRET_ACCESS_KEY=RANDOM"
     "spam-mlops-backup-s3 AWS_ACCESS_KEY_ID=spam-mlops-backup AWS_SECRET_ACCESS_KEY=RANDOM"
+    # a laptop has no second store: local backups go to the spam-mlops-backups bucket of the same MinIO (prod: off-site)
+    "spam-mlops-backup-dest SPAM_MLOPS_BACKUP_DEST_ENDPOINT=http://minio:9000"
     "postgres-credentials POSTGRES_USER=mlflow POSTGRES_PASSWORD=RANDOM"
     "redis-credentials REDIS_PASSWORD=RANDOM"
     "mlflow-admin MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=RANDOM MLFLOW_FLASK_SERVER_SECRET_KEY=RANDOM"

@@ -59,7 +59,8 @@ def test_no_credential_on_a_command_line(rendered, overlay):
 
 
 def test_the_check_catches_each_kind_of_leak():
-    env = [{"name": "DB_PASS", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}, {"name": "HOST", "value": "h"}]
+    env = [{"name": "DB_PASS", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+           {"name": "HOST", "value": "h"}]
     assert leaks(["--uri=postgresql://u:$(DB_PASS)@h/db"], env)  # a Secret-fed variable
     assert leaks(["--token=$(API_TOKEN)"], [])  # a variable named like a secret
     assert leaks(["--backend-store-uri=postgresql+psycopg2://mlflow:hunter2@postgres:5432/mlflow"], [])

@@ -638,13 +638,16 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
               ("prometheus", "minio", 9000),
               ("grafana", "prometheus", 9090), ("minio-bucket-init", "minio", 9000), ("spam-api", "dns", 53),
               ("spam-backup", "postgres", 5432), ("spam-backup", "minio", 9000),
+              ("spam-backup", "internet", 443),  # the backup store is off-site (Secret spam-mlops-backup-dest)
+              ("mlflow-auth-bootstrap", "mlflow", 5000),
               ("spam-lake-maintenance", "minio", 9000), ("spam-lake-maintenance", "mlflow", 5000)]
     refused = [("spam-api", "postgres", 5432), ("spam-api", "redis", 6379), ("spam-api", "internet", 443),
                ("grafana", "mlflow", 5000), ("grafana", "minio", 9000), ("spam-pipeline", "postgres", 5432),
                ("spam-drift", "redis", 6379), ("mlflow", "redis", 6379), ("ingress", "mlflow", 5000),
                ("ingress", "grafana", 3000), ("spam-api", "spam-train-head", 8265), ("minio", "internet", 443),
                ("spam-train-head", "postgres", 5432), ("redis", "minio", 9000), ("spam-api", "prometheus", 9090),
-               ("spam-backup", "redis", 6379), ("spam-backup", "internet", 443), ("spam-backup", "mlflow", 5000)]
+               ("spam-backup", "redis", 6379), ("spam-backup", "mlflow", 5000),
+               ("mlflow-auth-bootstrap", "postgres", 5432), ("mlflow-auth-bootstrap", "internet", 443)]
     assert [f for f in needed if not flow(*f)] == []
     assert [f for f in refused if flow(*f)] == []
 
