@@ -70,6 +70,15 @@ log "context $("$KUBECTL" config current-context), overlay $OVERLAY"
 "$KUBECTL" get crd rayjobs.ray.io >/dev/null 2>&1 || die "KubeRay is not installed (CRD rayjobs.ray.io): see the runbook, Install order"
 if [[ "$OVERLAY" == prod ]]; then
     "$KUBECTL" get crd rollouts.argoproj.io >/dev/null 2>&1 || die "Argo Rollouts is not installed (CRD rollouts.argoproj.io)"
+    # v1.8.2 is the first release with argo-rollouts#3873 (an inconclusive analysis is not promoted); runbook: v1.8.3
+    rollouts_image="$("$KUBECTL" -n argo-rollouts get deploy argo-rollouts \
+        -o jsonpath='{.spec.template.spec.containers[0].image}' 2>/dev/null || true)"
+    rollouts_version="$(sed -nE 's/.*:v([0-9]+\.[0-9]+\.[0-9]+).*/\1/p' <<<"$rollouts_image")"
+    if [[ -z "$rollouts_version" ]]; then
+        log "WARNING: no Argo Rollouts version in '${rollouts_image:-no deploy/argo-rollouts}': need >= v1.8.2"
+    elif [[ "$(printf '%s\n' 1.8.2 "$rollouts_version" | sort -V | head -1)" != 1.8.2 ]]; then
+        die "Argo Rollouts v$rollouts_version is older than v1.8.2 (argo-rollouts#3873): see the runbook, Install order"
+    fi
     "$KUBECTL" get crd clusterpolicies.kyverno.io >/dev/null 2>&1 \
         || die "Kyverno is not installed (CRD clusterpolicies.kyverno.io): it verifies the images' signatures at admission"
 fi
