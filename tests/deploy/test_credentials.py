@@ -85,6 +85,6 @@ def test_mlflow_runs_basic_auth_with_its_store_uri_outside_argv(rendered):
                 for ref in cont.get("envFrom") or []:
                     if ref.get("secretRef", {}).get("name", "").startswith("mlflow-"):
                         users.setdefault(ref["secretRef"]["name"], set()).add(d["metadata"]["name"])
-        assert users["mlflow-reader"] == {"spam-api"}, users  # the API reads, and nothing else is the reader
+        assert users["mlflow-reader"] == {"spam-api", "lake-maintenance"}, users  # readers: the API, lake vacuum
         assert {"spam-train", "spam-tune", "drift-detection"} <= users["mlflow-writer"], users
         assert "spam-api" not in users["mlflow-writer"] and users["mlflow-admin"] == {"mlflow-auth-bootstrap"}, users
