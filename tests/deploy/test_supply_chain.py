@@ -40,7 +40,8 @@ def unpinned(text: str) -> list[str]:
     for line in uses_lines(text):
         m = PINNED.match(line)
         if m and m["action"].startswith("./"): continue
-        if not (m and re.fullmatch(r"[0-9a-f]{40}", m["ref"]) and m["tag"] and re.fullmatch(r"v?\d+\.\d+\.\d+", m["tag"])):
+        pinned = m and re.fullmatch(r"[0-9a-f]{40}", m["ref"])
+        if not (pinned and m["tag"] and re.fullmatch(r"v?\d+\.\d+\.\d+", m["tag"])):
             bad.append(line.strip())
     return bad
 
@@ -149,7 +150,8 @@ def test_the_push_rebases_onto_a_main_that_moved(wf, tmp_path):
     _run([git, "clone", "-q", str(origin), str(ci)], tmp_path, env)  # CI checks out the tested commit
     # main moves during the test job
     (dev / "README").write_text("v2\n")
-    _run([git, "commit", "-qam", "merged meanwhile"], dev, env), _run([git, "push", "-q", "origin", "HEAD:main"], dev, env)
+    _run([git, "commit", "-qam", "merged meanwhile"], dev, env)
+    _run([git, "push", "-q", "origin", "HEAD:main"], dev, env)
     # the bump step's edit, then the step under test
     (ci / "k8s" / "kustomization.yaml").write_text("digest: sha256:" + "c" * 64 + "\n")
     run_env = {**env, "SHA": "abc", "TRIES": "3", "BACKOFF_S": "0"}
