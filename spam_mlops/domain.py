@@ -99,7 +99,7 @@ def design(clean, feats: np.ndarray, emb: np.ndarray | None = None):
     return sp.hstack([sp.csr_matrix(StandardScaler().fit_transform(dense)), grams.transform(list(clean))]).tocsr()
 
 
-def classifier_test(x, y: np.ndarray, groups: np.ndarray, folds: int = FOLDS, seed: int = 0, c: float = 0.1,
+def classifier_test(x, y: np.ndarray, groups: np.ndarray, folds: int = FOLDS, seed: int = 0, c: float = 1.0,
                     tail: float = 0.1) -> dict:
     "Out-of-fold scores of reference (0) vs window (1); AUC and tail tests, their Bonferroni-combined p-value."
     from scipy import stats
