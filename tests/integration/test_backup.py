@@ -126,12 +126,13 @@ def test_backup_goes_to_a_second_store_and_restores_from_it(s3_env, tmp_path):
     from spam_mlops.backup import BackupSettings
     second = moto_server(tmp_path / "moto-backups.log").start(timeout=90)
     db, lake = f"spam_bk2_{uuid.uuid4().hex[:10]}", f"lake-{uuid.uuid4().hex[:8]}"
+    dest = f"backups-{uuid.uuid4().hex[:8]}"  # the shared moto may hold other tests' spam-backups bucket
     url = f"postgresql://postgres@127.0.0.1:5432/{db}"
     s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     s3b = boto3.client("s3", endpoint_url=second.url, region_name="us-east-1", aws_access_key_id="backup",
                        aws_secret_access_key="backup-secret")
     s3.create_bucket(Bucket=lake)
-    s3b.create_bucket(Bucket="spam-backups")
+    s3b.create_bucket(Bucket=dest)
     s3.put_object(Bucket=lake, Key="mlflow/1/models/m-1/artifacts/model.keras", Body=b"weights")
     pg_exec(f"CREATE DATABASE {db}")
     try:
@@ -149,17 +150,17 @@ def test_backup_goes_to_a_second_store_and_restores_from_it(s3_env, tmp_path):
         cli = [str(Path(sys.executable).parent / "spam-mlops")]
         env = os.environ | {"SPAM_MLOPS_LAKE": f"s3://{lake}", "SPAM_MLOPS_BACKUP_DB": url,
                             "SPAM_MLOPS_BACKUP_ARTIFACTS": f"s3://{lake}/mlflow", "SPAM_MLOPS_BACKUP_DUMP": str(dump),
-                            "SPAM_MLOPS_BACKUP_DEST": "s3://spam-backups/mlflow",
+                            "SPAM_MLOPS_BACKUP_DEST": f"s3://{dest}/mlflow",
                             "SPAM_MLOPS_BACKUP_DEST_ENDPOINT": second.url,
                             "SPAM_MLOPS_BACKUP_DEST_ACCESS_KEY_ID": "backup",
                             "SPAM_MLOPS_BACKUP_DEST_SECRET_ACCESS_KEY": "backup-secret"}
         out = subprocess.run([*cli, "backup"], env=env, capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stderr
-        assert "backup: 2 files" in out.stdout and "s3://spam-backups/mlflow/" in out.stdout, out.stdout
-        on_second = [o["Key"] for o in s3b.list_objects_v2(Bucket="spam-backups")["Contents"]]
+        assert "backup: 2 files" in out.stdout and f"s3://{dest}/mlflow/" in out.stdout, out.stdout
+        on_second = [o["Key"] for o in s3b.list_objects_v2(Bucket=dest)["Contents"]]
         assert any(k.endswith("/manifest.json") for k in on_second) and any(k.endswith("model.keras")
                                                                             for k in on_second), on_second
-        assert "spam-backups" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}  # nothing on the lake's store
+        assert dest not in {b["Name"] for b in s3.list_buckets()["Buckets"]}  # nothing on the lake's store
 
         # disaster: the database and the artifact store are gone; restore from the second store
         pg_exec(f"DROP DATABASE {db} WITH (FORCE)")
