@@ -71,6 +71,16 @@ def test_tampered_backup_is_refused(tmp_path, pipeline_lake):
         restore(f"{tmp_path}/b", "postgresql://postgres@127.0.0.1:5432/never_created", f"{tmp_path}/a")
 
 
+def _runs_dump(db: str, tmp_path: Path, rows: str) -> Path:
+    "Database `db` given a `runs` table holding `rows` (SQL VALUES), and its pg_dump custom-format file."
+    pg_exec("CREATE TABLE runs (id text primary key, mcc float)", db)
+    pg_exec(f"INSERT INTO runs VALUES {rows}", db)
+    dump = tmp_path / "mlflow.dump"
+    url = f"postgresql://postgres@127.0.0.1:5432/{db}"
+    subprocess.run([shutil.which("pg_dump"), "-Fc", "--no-owner", "-f", str(dump), url], check=True, timeout=120)
+    return dump
+
+
 def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
     """The CronJob's path: `pg_dump` runs elsewhere (the server's own image), `backup(dump_file=...)` takes its file;
     a drop and a restore bring the rows back. A file that is not a custom-format dump is refused."""
@@ -78,10 +88,7 @@ def test_backup_from_a_dump_made_beforehand(tmp_path, pipeline_lake):
     url = f"postgresql://postgres@127.0.0.1:5432/{db}"
     pg_exec(f"CREATE DATABASE {db}")
     try:
-        pg_exec("CREATE TABLE runs (id text primary key, mcc float)", db)
-        pg_exec("INSERT INTO runs VALUES ('r1', 0.963), ('r2', 0.5)", db)
-        dump = tmp_path / "mlflow.dump"
-        subprocess.run([shutil.which("pg_dump"), "-Fc", "--no-owner", "-f", str(dump), url], check=True, timeout=120)
+        dump = _runs_dump(db, tmp_path, "('r1', 0.963), ('r2', 0.5)")
         (tmp_path / "artifacts" / "1").mkdir(parents=True)
         (tmp_path / "artifacts" / "1" / "model.keras").write_bytes(b"weights")
         s = get_settings(lake=str(tmp_path))
@@ -136,10 +143,7 @@ def test_backup_goes_to_a_second_store_and_restores_from_it(s3_env, tmp_path):
     s3.put_object(Bucket=lake, Key="mlflow/1/models/m-1/artifacts/model.keras", Body=b"weights")
     pg_exec(f"CREATE DATABASE {db}")
     try:
-        pg_exec("CREATE TABLE runs (id text primary key, mcc float)", db)
-        pg_exec("INSERT INTO runs VALUES ('r1', 0.963)", db)
-        dump = tmp_path / "mlflow.dump"
-        subprocess.run([shutil.which("pg_dump"), "-Fc", "--no-owner", "-f", str(dump), url], check=True, timeout=120)
+        dump = _runs_dump(db, tmp_path, "('r1', 0.963)")
         s = get_settings(lake=f"s3://{lake}")
         with pytest.raises(BackupError, match=f"in bucket {lake} of the store it protects"):
             backup(url, f"s3://{lake}/mlflow", f"s3://{lake}/backups", s, dump_file=str(dump), target=BackupSettings())
