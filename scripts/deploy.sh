@@ -68,6 +68,15 @@ k() { "$KUBECTL" -n "$NS" "$@"; }
 "$KUBECTL" version >/dev/null 2>&1 || die "no cluster reachable with the current context ($("$KUBECTL" config current-context 2>/dev/null || echo none))"
 log "context $("$KUBECTL" config current-context), overlay $OVERLAY"
 "$KUBECTL" get crd rayjobs.ray.io >/dev/null 2>&1 || die "KubeRay is not installed (CRD rayjobs.ray.io): see the runbook, Install order"
+# KubeRay >= 1.4: before it, Ray starts under `bash -lc` and /etc/profile drops the virtualenv from PATH (kuberay#3247)
+kuberay_image="$("$KUBECTL" get deploy -A -l app.kubernetes.io/name=kuberay-operator \
+    -o jsonpath='{.items[0].spec.template.spec.containers[0].image}' 2>/dev/null || true)"
+kuberay_version="$(sed -nE 's/.*:v?([0-9]+\.[0-9]+\.[0-9]+).*/\1/p' <<<"$kuberay_image")"
+if [[ -z "$kuberay_version" ]]; then
+    log "WARNING: no KubeRay operator version in '${kuberay_image:-no kuberay-operator Deployment}': need >= 1.4.0"
+elif [[ "$(printf '%s\n' 1.4.0 "$kuberay_version" | sort -V | head -1)" != 1.4.0 ]]; then
+    die "KubeRay v$kuberay_version is older than 1.4.0 (kuberay#3247): see the runbook, Install order"
+fi
 if [[ "$OVERLAY" == prod ]]; then
     "$KUBECTL" get crd rollouts.argoproj.io >/dev/null 2>&1 || die "Argo Rollouts is not installed (CRD rollouts.argoproj.io)"
     # v1.8.2 is the first release with argo-rollouts#3873 (an inconclusive analysis is not promoted); runbook: v1.8.3

@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -18,10 +22,11 @@ from pathlib import Path
 
 import psutil
 
-from .config import Settings, SpamMlopsError, get_settings
+from .config import Settings, SpamMlopsError, child_env, get_settings
 
 # %% auto #0
-__all__ = ['RUN_DIR', 'RUN_TAG', 'RAY_ENV_DEFAULTS', 'ClusterError', 'members', 'reap', 'check_port', 'start', 'stop']
+__all__ = ['RUN_DIR', 'RUN_TAG', 'RAY_ENV_DEFAULTS', 'ClusterError', 'members', 'reap', 'check_port', 'start', 'stop',
+           'free_port', 'LocalCluster']
 
 # %% ../nbs/13_cluster.ipynb #90abadd5
 _log = logging.getLogger(__name__)
@@ -202,3 +207,123 @@ def stop(timeout: float = 10) -> list[int]:
             Path(_RUN["path"]).unlink(missing_ok=True)
         _RUN = None
     return ended
+
+# %% ../nbs/13_cluster.ipynb #89c64168
+def free_port(host: str = "127.0.0.1") -> int:
+    "A TCP port nobody listens on right now."
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    "The `ray` command of this Python's environment."
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+# %% ../nbs/13_cluster.ipynb #56c37ba4
+class LocalCluster:
+    """A Ray cluster of separate raylets on this machine, shaped like a KubeRay one: a head (0 CPUs by default, as
+    a RayJob's head) and worker nodes, each with its own object store, started with `ray start` and stopped by pid.
+    Each node's processes carry their own tag (and a run file naming this process), so one node can be killed (a
+    node failure) and added back, and a crashed driver's nodes are ended by the next `reap`."""
+
+    def __init__(self, workers: tuple[int, ...] = (1,),  # one worker node per item: its CPUs
+                 head_cpus: int = 0,  # the head's CPUs (0: it runs drivers and the dashboard, no tasks)
+                 env: dict[str, str] | None = None,  # variables of every node (as a pod's env): its tasks inherit them
+                 inherit: bool = True,  # start from this process's environment (False: PATH, HOME, USER, LANG, TMPDIR)
+                 object_store_mb: int = 256,  # each node's object store
+                 temp_dir: str | None = None):  # the cluster's session folders (default: a new temporary one)
+        self.workers, self.head_cpus, self.object_store_mb = tuple(workers), head_cpus, object_store_mb
+        base = {k: v for k, v in child_env().items() if inherit or k in ("PATH", "HOME", "USER", "LANG", "TMPDIR")}
+        self.env = {**base, **(env or {})}
+        self._own_temp = temp_dir is None
+        self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="spam-ray-")
+        self.port = self.dashboard_port = None
+        self.nodes: dict[int, str] = {}  # node index (0: the head) -> its tag
+        self._id = uuid.uuid4().hex[:12]
+
+    @property
+    def address(self) -> str:
+        "The GCS address a driver or `ray start --address` joins (RAY_ADDRESS)."
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        "The dashboard's HTTP address: the job API (`ray job submit --address`), as KubeRay's submitter uses it."
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ray_start(self, index: int, args: list[str]):
+        tag = f"{self._id}-{index}"
+        path = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])  # this venv first
+        env = RAY_ENV_DEFAULTS | self.env | {"PATH": path, RUN_TAG: tag}
+        env.pop("RAY_ADDRESS", None)
+        me = psutil.Process()
+        _write(RUN_DIR / f"cluster-{me.pid}-{self._id}-{index}.json",
+               {"driver": _key(me), "purpose": f"local cluster node {index}", "tag": tag, "started": time.time()})
+        ports = [f"--{name}={free_port()}" for name in (  # several nodes on one machine: no port twice
+            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "metrics-export-port", "runtime-env-agent-port")]
+        cmd = [_ray_bin(), "start", *args, "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+               f"--object-store-memory={self.object_store_mb * 2**20}", *ports]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode:
+            self._end_node(index, tag)
+            why = (done.stderr or done.stdout)[-1500:]
+            raise ClusterError(f"ray start of node {index} failed ({done.returncode}): {why}")
+        self.nodes[index] = tag
+
+    def start(self) -> LocalCluster:
+        "Start the head, then the worker nodes; wait until every node is alive. Ends what it started if one fails."
+        reap()
+        self.port, self.dashboard_port = free_port(), free_port()
+        try:
+            self._ray_start(0, ["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
+                                f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"])
+            for cpus in self.workers: self.add_node(cpus)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_node(self, cpus: int = 1) -> int:
+        "Start one more worker node with `cpus` CPUs (or start again a killed one); its index."
+        index = max(self.nodes, default=0) + 1
+        self._ray_start(index, [f"--address={self.address}", f"--num-cpus={cpus}", f"--temp-dir={self.temp_dir}"])
+        return index
+
+    def alive_nodes(self) -> list[dict]:
+        "The nodes the GCS counts as alive (`ray.util.state.list_nodes`)."
+        from ray.util.state import list_nodes
+        return [n for n in list_nodes(address=self.dashboard_url) if n.state == "ALIVE"]
+
+    def _end_node(self, index: int, tag: str, sig: int | None = None) -> list[int]:
+        procs = members(tag)
+        if sig is None: pids = _end(procs)
+        else:
+            for p in procs:
+                try: p.send_signal(sig)
+                except psutil.Error: pass
+            psutil.wait_procs(procs, timeout=10)
+            pids = [p.pid for p in procs]
+        (RUN_DIR / f"cluster-{os.getpid()}-{self._id}-{index}.json").unlink(missing_ok=True)
+        return pids
+
+    def kill_node(self, index: int) -> list[int]:
+        "SIGKILL every process of node `index` (a node failure); the pids."
+        return self._end_node(index, self.nodes.pop(index), signal.SIGKILL)
+
+    def stop(self) -> list[int]:
+        "End every node (workers first, then the head) and check that none of their processes is left; the pids."
+        tags, ended = list(self.nodes.values()), []
+        for index in sorted(self.nodes, reverse=True): ended += self._end_node(index, self.nodes.pop(index))
+        if left := [p.pid for tag in tags for p in members(tag)]:
+            raise ClusterError(f"processes of the local cluster outlived SIGKILL: {left}")
+        if self._own_temp: shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return ended
+
+    def __enter__(self): return self.start()
+
+    def __exit__(self, *exc): self.stop()
+

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,10 +52,13 @@ from .profile import BASELINE_ARTIFACT, log_baseline, profile_from_parts
 from .registry import RegistryError
 from .tables import Table, TableError
 
+_log = logging.getLogger(__name__)
+
+
 # %% auto #0
-__all__ = ['RECALL_FLOOR', 'FEATURES_SOURCES', 'build_frame', 'training_frame', 'raw_sha256', 'epoch_logger',
-           'train_loop_per_worker', 'run_trainer', 'fit', 'charts', 'log_served_model', 'load_keras_model',
-           'log_keras_flavour', 'promote', 'TrainReport', 'git_commit', 'train']
+__all__ = ['RECALL_FLOOR', 'FEATURES_SOURCES', 'TRAIN_DIR', 'build_frame', 'training_frame', 'raw_sha256', 'epoch_logger',
+           'train_loop_per_worker', 'train_storage', 'run_trainer', 'fit', 'charts', 'log_served_model',
+           'load_keras_model', 'log_keras_flavour', 'promote', 'TrainReport', 'git_commit', 'train']
 
 # %% ../nbs/04b_train.ipynb #9debd6af
 RECALL_FLOOR = 0.90  # the default spam-recall floor (TrainSettings.recall_floor) of the corpus test split
@@ -172,10 +177,28 @@ def train_loop_per_worker(config: dict):
         ray.train.report(final, checkpoint=ckpt)
 
 # %% ../nbs/04b_train.ipynb #cb52ad86
+TRAIN_DIR = "runs/train"  # Ray Train's run folders in the lake, one per run
+
+
+def train_storage(settings: Settings | None, storage_path: str | None = None) -> tuple[str, object]:
+    """(storage_path, storage_filesystem) for Ray Train: `storage_path` if given, else the lake's runs/train.
+    Every node reaches the lake, so rank 0's checkpoint is readable wherever rank 0 ran (a RayJob's head has no
+    CPUs: rank 0 is on a worker)."""
+    if storage_path: return storage_path, None
+    lake = Lake.from_settings(settings or get_settings())
+    return lake.path(TRAIN_DIR), (lake.fs if lake.is_s3 else None)
+
+
+def _remove_run(storage: str, fs, name: str):
+    import pyarrow.fs as pafs
+    try: (fs or pafs.LocalFileSystem()).delete_dir(f"{storage}/{name}")
+    except OSError as e: _log.warning("could not remove Ray Train's run folder %s/%s: %s", storage, name, e)
+
+
 def run_trainer(config: dict,  # fit_model's config
                 data: dict,  # prepare_data's arrays, put in Ray's object store once
                 workers: int = 1,  # Ray Train workers, one CPU each
-                storage_path: str | None = None,  # Ray Train's run folder (default: a new temporary one)
+                storage_path: str | None = None,  # Ray Train's runs folder (default: the lake's runs/train)
                 mlflow_run: tuple[str, str] | None = None,  # (run id, tracking URI) rank 0 logs every epoch to
                 settings: Settings | None = None):  # where Ray runs: settings.ray_address is joined when set
     "Train with Ray Train's TensorflowTrainer on `workers` workers; returns (model with the best weights, history)."
@@ -184,19 +207,22 @@ def run_trainer(config: dict,  # fit_model's config
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
     started = cluster.start(max(2, workers), settings=settings, purpose="train")
+    storage, fs = train_storage(settings, storage_path)
+    name = f"train-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     try:
-        storage = storage_path or tempfile.mkdtemp(prefix="spam-train-")
         live = dict(zip(_MLFLOW_KEYS, (mlflow_run[0], registry.absolute_uri(mlflow_run[1])), strict=True)) \
             if mlflow_run else {}
         loop_config = dict(config, data_ref=ray.put(data), **live)
         trainer = TensorflowTrainer(train_loop_per_worker, train_loop_config=loop_config,
                                     scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                                    run_config=RunConfig(storage_path=storage, name=f"train-{int(time.time())}"))
+                                    run_config=RunConfig(storage_path=storage, storage_filesystem=fs, name=name))
         try: result = trainer.fit()
         except Exception as e: raise TrainError(f"Ray Train failed: {type(e).__name__}: {e}") from e
         if result.checkpoint is None: raise TrainError("Ray Train finished without a checkpoint")
         with result.checkpoint.as_directory() as d:
-            return keras.saving.load_model(f"{d}/network.keras"), json.loads(Path(f"{d}/history.json").read_text())
+            out = keras.saving.load_model(f"{d}/network.keras"), json.loads(Path(f"{d}/history.json").read_text())
+        _remove_run(storage, fs, name)  # the model goes to MLflow; a failed run's folder stays for a post-mortem
+        return out
     finally:
         if started: cluster.stop()
 

@@ -321,6 +321,72 @@ def test_secrets_referenced_are_documented_never_committed(rendered):
             assert "Secret" not in kinds, f"{f} defines a Secret"
 
 
+def configmap_refs(x, found: set | None = None) -> set[str]:
+    "The ConfigMap names an object's spec uses (envFrom, env valueFrom, volumes), wherever they are nested."
+    found = set() if found is None else found
+    if isinstance(x, dict):
+        for k in ("configMapRef", "configMapKeyRef", "configMap"):
+            if isinstance(x.get(k), dict) and "name" in x[k]: found.add(x[k]["name"])
+        for v in x.values(): configmap_refs(v, found)
+    elif isinstance(x, list):
+        for v in x: configmap_refs(v, found)
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_configmap_named_is_rendered(rendered, overlay):
+    """Every ConfigMap a rendered object names exists under that name. kustomize adds a hash to generated
+    ConfigMaps and rewrites the references it knows; in a custom resource (RayJob) it rewrites only the fields
+    k8s/base/kustomizeconfig.yaml declares, and a missed one leaves pods that never start."""
+    names = {d["metadata"]["name"] for d in rendered[overlay] if d["kind"] == "ConfigMap"}
+    missing = {f"{d['kind']}/{d['metadata']['name']} → {n}" for d in rendered[overlay]
+               for n in configmap_refs(d.get("spec") or {}) if n not in names}
+    assert not missing, sorted(missing)
+    assert any(d["kind"] == "RayJob" and configmap_refs(d["spec"]) for d in rendered[overlay])
+
+
+def test_configmap_check_can_fail(rendered):
+    import copy
+    job = copy.deepcopy(next(d for d in rendered["prod"] if d["kind"] == "RayJob"))
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envFrom"] = [
+        {"configMapRef": {"name": "spam-mlops-config"}}]  # what kustomize leaves without the field specs
+    with pytest.raises(AssertionError, match="RayJob/spam-train → spam-mlops-config"):
+        test_every_configmap_named_is_rendered({"prod": [*rendered["prod"], job]}, "prod")
+
+
+def gib(q: str) -> float:
+    "A Kubernetes memory quantity (4Gi, 512Mi, 1073741824) in GiB."
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti)?", str(q))
+    assert m, f"unsupported quantity {q!r}"
+    return float(m[1]) * units.get(m[2], 1) / 2**30
+
+
+def ray_groups(job: dict):
+    "(group name, rayStartParams, pod spec) of the head and every worker group of a RayJob."
+    spec = job["spec"]["rayClusterSpec"]
+    yield "head", spec["headGroupSpec"]["rayStartParams"], spec["headGroupSpec"]["template"]["spec"]
+    for g in spec["workerGroupSpecs"]: yield g["groupName"], g["rayStartParams"], g["template"]["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjob_pods_fit_their_memory(rendered, overlay):
+    """Each Ray pod's object store is sized explicitly, /dev/shm (memory-backed, so charged to the container's
+    limit) holds it, and shm plus 2 GiB for the processes fit the limit. The head's requests equal its limits."""
+    jobs = [d for d in rendered[overlay] if d["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        for group, params, pod in ray_groups(job):
+            where = f"{job['metadata']['name']}/{group}"
+            limits = pod["containers"][0]["resources"]["limits"]
+            (shm,) = [v["emptyDir"] for v in pod["volumes"] if v["name"] == "shm"]
+            assert shm["medium"] == "Memory", where
+            store = gib(params["object-store-memory"])
+            assert store <= gib(shm["sizeLimit"]) and gib(shm["sizeLimit"]) + 2 <= gib(limits["memory"]), where
+            if group == "head":
+                assert pod["containers"][0]["resources"]["requests"] == limits, where
+
+
 # ---- checkov, hadolint, shellcheck -----------------------------------------------------------------------------------
 def _checkov(args: list[str]) -> dict:
     out = subprocess.run([tool("checkov"), *args, "--skip-download", "--quiet", "--compact", "-o", "json"],
@@ -525,6 +591,16 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
         metrics = auth.get(f"{url}/metrics", headers=pod, timeout=10)
         assert metrics.status_code == 200, metrics.text[:200]
         assert re.search(r"^mlflow_\w+", metrics.text, re.M), metrics.text[:500]
+        # ... so Prometheus scrapes the pod's metrics sidecar instead: its rendered command, on the same files,
+        # serves the same series without credentials
+        (side,) = [x for x in dep["spec"]["template"]["spec"]["containers"] if x["name"] == "metrics"]
+        sport = free_port()
+        code = side["command"][2].replace("/tmp/prometheus-multiproc", str(tmp_path / "prom")).replace(
+            "9101", str(sport))
+        with ManagedServer([sys.executable, "-c", code], f"http://127.0.0.1:{sport}/metrics",
+                           tmp_path / "sidecar.log", name="mlflow metrics sidecar"):
+            got = requests.get(f"http://127.0.0.1:{sport}/metrics", timeout=10)
+            assert got.status_code == 200 and re.search(r"^mlflow_\w+", got.text, re.M), got.text[:500]
     finally:
         srv.stop(timeout=30)
         pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")

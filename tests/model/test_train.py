@@ -21,6 +21,7 @@ from spam_mlops.profile import BASELINE_ARTIFACT
 from spam_mlops.registry import RegistryUnreachable
 from spam_mlops.train import (
     DEFAULT_CONFIG,
+    TRAIN_DIR,
     RegistryError,
     TrainError,
     build_model,
@@ -209,15 +210,18 @@ def test_epoch_logger_logs_each_epoch_as_it_ends(tracking):
         assert [m.step for m in h] == [1, 2, 3] and [m.value for m in h] == pytest.approx([e[k] for e in hist])
 
 
-def test_ray_train_with_two_workers(tracking):
-    "Two workers; rank 0 alone logs each epoch to the MLflow run from inside Ray Train (the driver logs nothing)."
+def test_ray_train_with_two_workers(tracking, tmp_path):
+    """Two workers; rank 0 alone logs each epoch to the MLflow run from inside Ray Train (the driver logs nothing).
+    Ray Train's run folder is in the lake (every node reaches it) and is removed once the model is back."""
     import ray
     parts = split_frame(_frame(400))
     c = DEFAULT_CONFIG | TINY
     data = prepare_data(parts, c)
     client = mlflow.MlflowClient(tracking)
     run_id = client.create_run(client.create_experiment("ray")).info.run_id
-    net, hist = run_trainer(c, data, workers=2, mlflow_run=(run_id, tracking))
+    lake = tmp_path / "lake"
+    net, hist = run_trainer(c, data, workers=2, mlflow_run=(run_id, tracking), settings=get_settings(lake=str(lake)))
+    assert (lake / TRAIN_DIR).is_dir() and not list((lake / TRAIN_DIR).iterdir())
     assert not ray.is_initialized()  # run_trainer started Ray through spam_mlops.cluster and stopped it again
     assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.9
     for k in ("loss", "accuracy", "val_loss", "val_accuracy"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import requests
+
+from spam_mlops.cluster import free_port  # noqa: F401 (one free_port for the package and the tests)
 
 BIN = Path(sys.executable).parent  # the venv's scripts: mlflow, spam-mlops, ...
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -28,13 +29,6 @@ def require(path: str | None, name: str, hint: str) -> str:
     msg = f"{name} not found: {hint}"
     if IN_CI: pytest.fail(msg)
     pytest.skip(msg)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    "A TCP port nobody listens on right now."
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_until(pred: Callable[[], object], timeout: float, what: str, every: float = 0.2):
