@@ -591,16 +591,6 @@ def test_mlflow_manifest_args_start_a_real_server(rendered, s3_server, tmp_path)
         metrics = auth.get(f"{url}/metrics", headers=pod, timeout=10)
         assert metrics.status_code == 200, metrics.text[:200]
         assert re.search(r"^mlflow_\w+", metrics.text, re.M), metrics.text[:500]
-        # ... so Prometheus scrapes the pod's metrics sidecar instead: its rendered command, on the same files,
-        # serves the same series without credentials
-        (side,) = [x for x in dep["spec"]["template"]["spec"]["containers"] if x["name"] == "metrics"]
-        sport = free_port()
-        code = side["command"][2].replace("/tmp/prometheus-multiproc", str(tmp_path / "prom")).replace(
-            "9101", str(sport))
-        with ManagedServer([sys.executable, "-c", code], f"http://127.0.0.1:{sport}/metrics",
-                           tmp_path / "sidecar.log", name="mlflow metrics sidecar"):
-            got = requests.get(f"http://127.0.0.1:{sport}/metrics", timeout=10)
-            assert got.status_code == 200 and re.search(r"^mlflow_\w+", got.text, re.M), got.text[:500]
     finally:
         srv.stop(timeout=30)
         pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
