@@ -63,31 +63,31 @@ fi
 
 OVERLAY="${OVERLAY:-local}"
 k() { "$KUBECTL" -n "$NS" "$@"; }
+# require_version NAME MIN WHY TAG_PREFIX IMAGE: an operator's version, read from its image tag (TAG_PREFIX: the
+# sed pattern before the digits), must be MIN or newer; a tag without a version is a warning
+require_version() {
+    local version
+    version="$(sed -nE "s/.*:$4([0-9]+\.[0-9]+\.[0-9]+).*/\1/p" <<<"$5")"
+    if [[ -z "$version" ]]; then
+        log "WARNING: no $1 version in '${5:-no $1 Deployment}': need >= v$2"
+    elif [[ "$(printf '%s\n' "$2" "$version" | sort -V | head -1)" != "$2" ]]; then
+        die "$1 v$version is older than v$2 ($3): see the runbook, Install order"
+    fi
+}
 
 # ---- preflight -----------------------------------------------------------------------------------------------
 "$KUBECTL" version >/dev/null 2>&1 || die "no cluster reachable with the current context ($("$KUBECTL" config current-context 2>/dev/null || echo none))"
 log "context $("$KUBECTL" config current-context), overlay $OVERLAY"
 "$KUBECTL" get crd rayjobs.ray.io >/dev/null 2>&1 || die "KubeRay is not installed (CRD rayjobs.ray.io): see the runbook, Install order"
 # KubeRay >= 1.4: before it, Ray starts under `bash -lc` and /etc/profile drops the virtualenv from PATH (kuberay#3247)
-kuberay_image="$("$KUBECTL" get deploy -A -l app.kubernetes.io/name=kuberay-operator \
-    -o jsonpath='{.items[0].spec.template.spec.containers[0].image}' 2>/dev/null || true)"
-kuberay_version="$(sed -nE 's/.*:v?([0-9]+\.[0-9]+\.[0-9]+).*/\1/p' <<<"$kuberay_image")"
-if [[ -z "$kuberay_version" ]]; then
-    log "WARNING: no KubeRay operator version in '${kuberay_image:-no kuberay-operator Deployment}': need >= 1.4.0"
-elif [[ "$(printf '%s\n' 1.4.0 "$kuberay_version" | sort -V | head -1)" != 1.4.0 ]]; then
-    die "KubeRay v$kuberay_version is older than 1.4.0 (kuberay#3247): see the runbook, Install order"
-fi
+require_version "KubeRay operator" 1.4.0 kuberay#3247 "v?" "$("$KUBECTL" get deploy -A \
+    -l app.kubernetes.io/name=kuberay-operator -o jsonpath='{.items[0].spec.template.spec.containers[0].image}' \
+    2>/dev/null || true)"
 if [[ "$OVERLAY" == prod ]]; then
     "$KUBECTL" get crd rollouts.argoproj.io >/dev/null 2>&1 || die "Argo Rollouts is not installed (CRD rollouts.argoproj.io)"
     # v1.8.2 is the first release with argo-rollouts#3873 (an inconclusive analysis is not promoted); runbook: v1.8.3
-    rollouts_image="$("$KUBECTL" -n argo-rollouts get deploy argo-rollouts \
+    require_version "Argo Rollouts" 1.8.2 argo-rollouts#3873 v "$("$KUBECTL" -n argo-rollouts get deploy argo-rollouts \
         -o jsonpath='{.spec.template.spec.containers[0].image}' 2>/dev/null || true)"
-    rollouts_version="$(sed -nE 's/.*:v([0-9]+\.[0-9]+\.[0-9]+).*/\1/p' <<<"$rollouts_image")"
-    if [[ -z "$rollouts_version" ]]; then
-        log "WARNING: no Argo Rollouts version in '${rollouts_image:-no deploy/argo-rollouts}': need >= v1.8.2"
-    elif [[ "$(printf '%s\n' 1.8.2 "$rollouts_version" | sort -V | head -1)" != 1.8.2 ]]; then
-        die "Argo Rollouts v$rollouts_version is older than v1.8.2 (argo-rollouts#3873): see the runbook, Install order"
-    fi
     "$KUBECTL" get crd clusterpolicies.kyverno.io >/dev/null 2>&1 \
         || die "Kyverno is not installed (CRD clusterpolicies.kyverno.io): it verifies the images' signatures at admission"
 fi

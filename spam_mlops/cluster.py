@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -71,11 +70,11 @@ def members(tag: str,  # the run's tag
     return out
 
 # %% ../nbs/13_cluster.ipynb #f555dd3d
-def _end(procs: list[psutil.Process], timeout: float = 5) -> list[int]:
-    "Terminate `procs`, kill those still there after `timeout` s; the pids that were running."
+def _end(procs: list[psutil.Process], timeout: float = 5, kill: bool = False) -> list[int]:
+    "Terminate `procs` (or `kill` them at once: a crash), kill those still there after `timeout` s; the pids."
     procs = [p for p in procs if p.is_running()]
     for p in procs:
-        try: p.terminate()
+        try: p.kill() if kill else p.terminate()
         except psutil.Error: pass
     _, rest = psutil.wait_procs(procs, timeout=timeout)
     for p in rest:
@@ -253,14 +252,17 @@ class LocalCluster:
         "The dashboard's HTTP address: the job API (`ray job submit --address`), as KubeRay's submitter uses it."
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    def _run_file(self, index: int) -> Path:
+        "Node `index`'s run file: it names this process, so `reap` ends the node if this process dies."
+        return RUN_DIR / f"cluster-{os.getpid()}-{self._id}-{index}.json"
+
     def _ray_start(self, index: int, args: list[str]):
         tag = f"{self._id}-{index}"
         path = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])  # this venv first
         env = RAY_ENV_DEFAULTS | self.env | {"PATH": path, RUN_TAG: tag}
         env.pop("RAY_ADDRESS", None)
-        me = psutil.Process()
-        _write(RUN_DIR / f"cluster-{me.pid}-{self._id}-{index}.json",
-               {"driver": _key(me), "purpose": f"local cluster node {index}", "tag": tag, "started": time.time()})
+        _write(self._run_file(index), {"driver": _key(psutil.Process()), "purpose": f"local cluster node {index}",
+                                       "tag": tag, "started": time.time()})
         ports = [f"--{name}={free_port()}" for name in (  # several nodes on one machine: no port twice
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
             "metrics-export-port", "runtime-env-agent-port")]
@@ -274,7 +276,7 @@ class LocalCluster:
         self.nodes[index] = tag
 
     def start(self) -> LocalCluster:
-        "Start the head, then the worker nodes; wait until every node is alive. Ends what it started if one fails."
+        "Start the head, then the worker nodes (`ray start` returns once its node is up); if one fails, end all."
         reap()
         self.port, self.dashboard_port = free_port(), free_port()
         try:
@@ -293,26 +295,19 @@ class LocalCluster:
         self._ray_start(index, [f"--address={self.address}", f"--num-cpus={cpus}", f"--temp-dir={self.temp_dir}"])
         return index
 
-    def alive_nodes(self) -> list[dict]:
+    def alive_nodes(self) -> list:
         "The nodes the GCS counts as alive (`ray.util.state.list_nodes`)."
         from ray.util.state import list_nodes
         return [n for n in list_nodes(address=self.dashboard_url) if n.state == "ALIVE"]
 
-    def _end_node(self, index: int, tag: str, sig: int | None = None) -> list[int]:
-        procs = members(tag)
-        if sig is None: pids = _end(procs)
-        else:
-            for p in procs:
-                try: p.send_signal(sig)
-                except psutil.Error: pass
-            psutil.wait_procs(procs, timeout=10)
-            pids = [p.pid for p in procs]
-        (RUN_DIR / f"cluster-{os.getpid()}-{self._id}-{index}.json").unlink(missing_ok=True)
+    def _end_node(self, index: int, tag: str, kill: bool = False) -> list[int]:
+        pids = _end(members(tag), kill=kill)
+        self._run_file(index).unlink(missing_ok=True)
         return pids
 
     def kill_node(self, index: int) -> list[int]:
         "SIGKILL every process of node `index` (a node failure); the pids."
-        return self._end_node(index, self.nodes.pop(index), signal.SIGKILL)
+        return self._end_node(index, self.nodes.pop(index), kill=True)
 
     def stop(self) -> list[int]:
         "End every node (workers first, then the head) and check that none of their processes is left; the pids."
