@@ -88,3 +88,32 @@ def test_mlflow_runs_basic_auth_with_its_store_uri_outside_argv(rendered):
         assert users["mlflow-reader"] == {"spam-api", "lake-maintenance"}, users  # readers: the API, lake vacuum
         assert {"spam-train", "spam-tune", "drift-detection"} <= users["mlflow-writer"], users
         assert "spam-api" not in users["mlflow-writer"] and users["mlflow-admin"] == {"mlflow-auth-bootstrap"}, users
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_logs_in_to_mlflow_as_the_metrics_account(rendered, overlay):
+    """basic-auth puts MLflow's /metrics behind a login: Prometheus' mlflow job logs in as the account of Secret
+    mlflow-metrics (its password a file from that Secret, mounted in the Prometheus pod), which the bootstrap Job
+    creates with no grant; the server lets a login without a grant read /metrics (MLFLOW_BASIC_AUTH_FAIL_CLOSED off).
+    The scrape itself is run against a real server in tests/integration/test_registry_auth.py."""
+    import yaml
+    from support.manifests import secret_template
+    docs = rendered[overlay]
+
+    def by(kind: str, name: str) -> dict:
+        return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name))
+    config = yaml.safe_load(by("ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "mlflow"]
+    assert job["basic_auth"]["username"] == secret_template()["mlflow-metrics"]["MLFLOW_TRACKING_USERNAME"]
+    pod = by("Deployment", "prometheus")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    files = {f"{mounts[v['name']]}/{i['path']}": (v["secret"]["secretName"], i["key"])
+             for v in pod["volumes"] if "secret" in v for i in v["secret"].get("items") or []}
+    assert files.get(job["basic_auth"]["password_file"]) == ("mlflow-metrics", "MLFLOW_TRACKING_PASSWORD"), files
+    boot = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in by("Job", "mlflow-auth-bootstrap")["spec"]["template"]
+            ["spec"]["containers"][0]["env"] if "valueFrom" in e}
+    assert boot["MLFLOW_METRICS_USERNAME"] == {"name": "mlflow-metrics", "key": "MLFLOW_TRACKING_USERNAME"}
+    assert boot["MLFLOW_METRICS_PASSWORD"] == {"name": "mlflow-metrics", "key": "MLFLOW_TRACKING_PASSWORD"}
+    mlflow = {e["name"]: e.get("value") for e in by("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+              ["env"]}
+    assert mlflow["MLFLOW_BASIC_AUTH_FAIL_CLOSED"] == "false"

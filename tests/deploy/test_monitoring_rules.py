@@ -22,16 +22,15 @@ import threading
 import time
 
 import pytest
-import requests
 import yaml
-from support import PROMETHEUS_HINT, ROOT, free_port, prometheus_server, require, wait_until
+from support import PROMETHEUS_HINT, ROOT, free_port, prom_query, prometheus_server, require, wait_until
+from support.monitoring import ROLLOUT, analysis_queries
 
 MON = ROOT / "monitoring"
 RULES = MON / "alert-rules.yaml"
 ALERTMANAGER = MON / "alertmanager.yml"
 RUNBOOK = ROOT / "nbs" / "explanations" / "runbook.md"
 DASHBOARDS = sorted((MON / "grafana" / "dashboards").glob("*.json"))
-ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
 
 
 def need(name: str) -> str:
@@ -71,18 +70,6 @@ def panel_queries() -> list[tuple[str, str]]:
         for p in json.loads(f.read_text())["panels"]:
             out += [(f"{f.name}/{p['title']}", t["expr"]) for t in p.get("targets", [])]
     return out
-
-
-EDGE_PREFIX = "nginx_ingress_controller_"  # the ingress controller's own series (the canary's edge metrics)
-
-
-def analysis_queries(canary_hash: str) -> list[tuple[str, str]]:
-    """(metric name, query with the template's args filled in) of the AnalysisTemplate's replica metrics: those
-    on the API's recorded series. The edge metrics read the ingress controller's counter, which is not the API's
-    (tests/integration/test_canary_analysis.py runs them on recorded ingress series)."""
-    at = next(d for d in yaml.safe_load_all(ROLLOUT.read_text()) if d["kind"] == "AnalysisTemplate")
-    return [(m["name"], m["provider"]["prometheus"]["query"].replace("{{args.canary-hash}}", canary_hash))
-            for m in at["spec"]["metrics"] if EDGE_PREFIX not in m["provider"]["prometheus"]["query"]]
 
 
 def series_names(expr: str) -> set[str]:
@@ -395,48 +382,43 @@ def prometheus(exporter, platform_exporter, tmp_path_factory):
                {"job_name": "kube-state-metrics", "honor_labels": True,
                 "static_configs": [{"targets": [f"127.0.0.1:{platform_exporter}"]}]}]}
     with prometheus_server(tmp_path_factory.mktemp("prometheus"), cfg) as srv:
-        try: wait_until(lambda: _query(srv.url, "spam_api:latency_seconds:p95_5m"), 60, "recording rules' first data")
+        first = "recording rules' first data"
+        try: wait_until(lambda: prom_query(srv.url, "spam_api:latency_seconds:p95_5m"), 60, first)
         except TimeoutError as e: pytest.fail(f"{e}\n{srv.log_tail(2000)}")
         time.sleep(3)  # a few more evaluations, so every recorded series has samples
         yield srv.url
 
 
-def _query(url: str, expr: str) -> list:
-    r = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
-    body = r.json()
-    assert r.ok and body["status"] == "success", f"{expr}: {body.get('error')}"
-    return body["data"]["result"]
-
 
 @pytest.mark.integration
 def test_every_panel_query_returns_data(prometheus):
     for title, expr in panel_queries():
-        assert _query(prometheus, expr), f"{title}: no data for {expr}"
+        assert prom_query(prometheus, expr), f"{title}: no data for {expr}"
 
 
 @pytest.mark.integration
 def test_every_alert_expression_evaluates(prometheus):
     "Each alert runs without error; with its comparisons made `bool`, each returns a sample (its inputs exist)."
     for r in (r for r in rules() if "alert" in r):
-        firing = _query(prometheus, r["expr"])
+        firing = prom_query(prometheus, r["expr"])
         if r["alert"] == "SpamApiHighErrorRate":  # the exporter fails 2.4 % of requests: under the threshold
             assert firing == []
         if r["alert"] in platform_alerts():  # a healthy platform: nothing failed, volumes 40 % full
             assert firing == [], (r["alert"], firing)
         as_bool = re.sub(r"(>=|<=|==|!=|>|<)\s*(?=[\d(])", r"\1 bool ", r["expr"])
-        assert _query(prometheus, as_bool), f"{r['alert']}: no data for {as_bool}"
+        assert prom_query(prometheus, as_bool), f"{r['alert']}: no data for {as_bool}"
 
 
 @pytest.mark.integration
 def test_canary_analysis_queries_pass_on_healthy_series(prometheus):
     "The AnalysisTemplate's replica queries, with the canary hash filled in, return one value under the thresholds."
-    results = {name: _query(prometheus, q) for name, q in analysis_queries("abc123")}
+    results = {name: prom_query(prometheus, q) for name, q in analysis_queries("abc123")}
     assert set(results) == {"canary-error-rate", "canary-latency-p95"}
     err = float(results["canary-error-rate"][0]["value"][1])
     p95 = float(results["canary-latency-p95"][0]["value"][1])
     assert 0 < err < 0.05 and 0 < p95 < 0.1
     # an unknown revision has no data: an empty vector, which the template's conditions fail (never a pass)
-    assert all(_query(prometheus, q) == [] for _, q in analysis_queries("no-such-hash"))
+    assert all(prom_query(prometheus, q) == [] for _, q in analysis_queries("no-such-hash"))
 
 
 # ---- the prometheus-operator component (optional) ---------------------------------------------------------------

@@ -16,9 +16,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import requests
 import yaml
-from support import ROOT, alertmanager_server, free_port, prometheus_server, wait_until
+from support import ROOT, alertmanager_server, free_port, prom_query, prometheus_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -99,8 +98,8 @@ def test_a_failed_backup_reaches_the_webhook_with_its_runbook(job_state, tmp_pat
                         "scrape_configs": [{"job_name": "kube-state-metrics", "honor_labels": True,
                                             "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}
             with prometheus_server(tmp_path / "prometheus", prom_cfg) as prom:
-                wait_until(lambda: _query(prom.url, 'up{job="kube-state-metrics"} == 1'), 30, "the target scraped")
-                assert _query(prom.url, 'ALERTS{alertname="SpamCronJobFailed"}') == []
+                wait_until(lambda: prom_query(prom.url, 'up{job="kube-state-metrics"} == 1'), 30, "the target scraped")
+                assert prom_query(prom.url, 'ALERTS{alertname="SpamCronJobFailed"}') == []
                 assert receiver.alerts("SpamCronJobFailed", "firing") == []
 
                 # the backup's Job fails
@@ -129,8 +128,3 @@ def test_a_failed_backup_reaches_the_webhook_with_its_runbook(job_state, tmp_pat
                                       "the resolution at the webhook")
                 assert resolved[0][1]["labels"]["job_name"] == BACKUP_JOB["job_name"]
 
-
-def _query(url: str, expr: str) -> list:
-    r = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
-    assert r.ok, r.text
-    return r.json()["data"]["result"]

@@ -28,16 +28,17 @@ from support import (
     demo_model,
     free_port,
     pipeline_settings,
+    prom_query,
     prometheus_server,
     pushgateway_server,
     wait_until,
 )
+from support.monitoring import analysis_queries
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RULES = ROOT / "monitoring" / "alert-rules.yaml"
 DASHBOARDS = sorted((ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"))
-ROLLOUT = ROOT / "argocd" / "ray-serve-rollout.yaml"
 CANARY_HASH = "6d5f8c7b9"
 ALERT_EXPECT = {"SpamApiHighErrorRate": "empty", "SpamApiHighLatencyP95": "any", "SpamApiNoPredictions": "empty",
                 "SpamDriftDetected": "data", "SpamDriftJobStale": "empty", "SpamModelAccuracyLow": "data",
@@ -118,20 +119,12 @@ def prometheus(api, pushgateway, tmp_path_factory):
         yield srv.url
 
 
-def query(prom: str, expr: str) -> list:
-    "Result of an instant query; fails on any error (HTTP, PromQL, warnings)."
-    r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
-    body = r.json()
-    assert r.ok and body["status"] == "success", f"{expr}: {body}"
-    assert not body.get("warnings"), f"{expr}: {body['warnings']}"
-    return body["data"]["result"]
-
 
 def wait_data(prom: str, expr: str, timeout: float = 90) -> list:
     "The result of `expr` once it holds at least one number (NaN, e.g. 0/0 of a rate without traffic, is no data)."
     end = time.time() + timeout
     while time.time() < end:
-        res = query(prom, expr)
+        res = prom_query(prom, expr)
         if any(x["value"][1] not in ("NaN", "+Inf", "-Inf") for x in res): return res
         time.sleep(1)
     raise AssertionError(f"{expr}: no data after {timeout} s: {res}")
@@ -151,23 +144,12 @@ def panel_queries() -> list[tuple[str, str]]:
 # Series this module cannot produce: the platform alerts read kube-state-metrics and the kubelet, the canary's edge
 # metrics read the ingress controller. tests/integration/test_alerting.py and test_canary_analysis.py run those on
 # recorded series in a real Prometheus; here every other alert and query runs on the API's and the drift job's own.
-PLATFORM_GROUP, EDGE_PREFIX = "spam-mlops.platform", "nginx_ingress_controller_"
+PLATFORM_GROUP = "spam-mlops.platform"
 
 
 def alert_rules() -> list[dict]:
     return [r for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"] != PLATFORM_GROUP
             for r in g["rules"] if "alert" in r]
-
-
-def analysis_queries() -> list[tuple[str, str]]:
-    out = []
-    for d in yaml.safe_load_all(ROLLOUT.read_text()):
-        if d and d.get("kind") == "AnalysisTemplate":
-            for m in d["spec"]["metrics"]:
-                q = m["provider"]["prometheus"]["query"]
-                if EDGE_PREFIX in q: continue
-                out.append((m["name"], re.sub(r"\{\{\s*args\.canary-hash\s*\}\}", CANARY_HASH, q)))
-    return out
 
 
 def recorded_series(expr: str) -> set[str]:
@@ -252,8 +234,8 @@ def test_drift_metrics_pushed(prometheus, traffic):
     tests = traffic["report"]["tests"]
     got = {(x["metric"]["feature"], x["metric"]["test"]) for x in wait_data(prometheus, "spam_drift:score")}
     assert got == {(t["feature"], t["test"]) for t in tests}
-    assert float(query(prometheus, "spam_drift:detected")[0]["value"][1]) == 1.0
-    assert float(query(prometheus, "spam_drift:seconds_since_last_run")[0]["value"][1]) < 600
+    assert float(prom_query(prometheus, "spam_drift:detected")[0]["value"][1]) == 1.0
+    assert float(prom_query(prometheus, "spam_drift:seconds_since_last_run")[0]["value"][1]) < 600
 
 
 # Known gap (serve module): Ray's metrics agent drops a gauge ~30 s after its last `set`, and the API sets
@@ -275,7 +257,7 @@ def test_every_dashboard_panel_returns_data(prometheus, traffic, where, expr):
     assert wait_data(prometheus, expr, timeout=30), where
 
 
-@pytest.mark.parametrize("name,expr", analysis_queries())
+@pytest.mark.parametrize("name,expr", analysis_queries(CANARY_HASH))
 def test_every_canary_analysis_query_returns_data(prometheus, traffic, name, expr):
     res = wait_data(prometheus, expr, timeout=30)
     assert len(res) == 1 and float(res[0]["value"][1]) >= 0, (name, res)
@@ -287,13 +269,13 @@ def test_every_alert_expression(prometheus, traffic, rule):
     if expect == "data":
         wait_data(prometheus, rule["expr"], timeout=30)
         return
-    res = query(prometheus, rule["expr"])
+    res = prom_query(prometheus, rule["expr"])
     if expect == "empty":
         assert res == [], f"{rule['alert']} holds unexpectedly: {res}"
     series = recorded_series(rule["expr"])
     assert series, rule["expr"]
     for name in series:
-        assert query(prometheus, name), f"{rule['alert']}: {name} has no data, so the alert could never fire"
+        assert prom_query(prometheus, name), f"{rule['alert']}: {name} has no data, so the alert could never fire"
 
 
 def test_drift_alert_fires(prometheus, traffic):

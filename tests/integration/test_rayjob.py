@@ -19,8 +19,8 @@ import uuid
 
 import mlflow
 import pytest
-import yaml
 from support import BIN, ROOT, require, wait_until
+from support.manifests import secret_template
 
 from spam_mlops.cluster import LocalCluster, members
 from spam_mlops.config import get_settings
@@ -40,17 +40,11 @@ def rendered() -> list[dict]:
     return vm.render("prod", require(vm.find_tool("kubectl"), "kubectl", "run scripts/install-tools.sh"))
 
 
-def secret_keys() -> dict[str, list[str]]:
-    "The keys of each Secret the operator creates by hand (k8s/secrets.example.yaml)."
-    docs = yaml.safe_load_all((ROOT / "k8s" / "secrets.example.yaml").read_text())
-    return {d["metadata"]["name"]: list(d.get("stringData") or d.get("data") or {}) for d in docs if d}
-
-
 def pod_env(docs: list[dict], container: dict, rewrite: dict[str, str]) -> dict[str, str]:
     """The environment Kubernetes gives `container`: its envFrom ConfigMaps and Secrets, then its env (with
     `$(VAR)` expanded, as the kubelet does), every value passed through `rewrite` (substring → replacement)."""
     maps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d["kind"] == "ConfigMap"}
-    keys = secret_keys()
+    keys = secret_template()
     secret = lambda name: {k: TEST_SECRETS[k] for k in keys[name]}  # noqa: E731 (the test value of each key)
     env: dict[str, str] = {}
     for src in container.get("envFrom") or []:

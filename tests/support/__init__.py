@@ -15,6 +15,7 @@ from .servers import (
     group_members,
     mlflow_server,
     moto_server,
+    prom_query,
     prometheus_server,
     pushgateway_server,
     require,
@@ -26,6 +27,6 @@ from .servers import (
 __all__ = ["BIN", "IN_CI", "PG", "PROMETHEUS_HINT", "ROOT", "SHARED_CORPUS", "SPAM_TEXT", "ManagedServer",
            "alertmanager_server",
            "answers", "cli_server", "corpus_path", "demo_model", "free_port", "group_members",
-           "mlflow_server", "moto_server", "pg_exec", "pipeline_settings", "prometheus_server",
+           "mlflow_server", "moto_server", "pg_exec", "pipeline_settings", "prom_query", "prometheus_server",
            "pushgateway_server", "register_champion", "require", "tool", "train_champion", "wait_http",
            "wait_until"]

@@ -178,16 +178,17 @@ def moto_server(log: Path, port: int | None = None) -> ManagedServer:
 
 
 def mlflow_server(log: Path, backend_uri: str | None, artifacts: str, port: int | None = None,
-                  env: dict[str, str] | None = None, app: str | None = None) -> ManagedServer:
+                  env: dict[str, str] | None = None, app: str | None = None,
+                  args: tuple[str, ...] = ()) -> ManagedServer:
     """`mlflow server` with one worker on `backend_uri` (sqlite:///... or postgresql+psycopg2://...; None: from
     MLFLOW_BACKEND_STORE_URI in `env`, as production passes it, outside argv), artifacts proxied to `artifacts` (a
     folder or s3:// URI), `app` its --app-name (basic-auth); `.url` is its address. Not started yet. `env` adds
-    variables."""
+    variables, `args` options."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     store = ["--backend-store-uri", backend_uri] if backend_uri else []
     return ManagedServer([BIN / "mlflow", "server", *(["--app-name", app] if app else []), "--host", "127.0.0.1",
-                          "--port", str(port), *store, "--artifacts-destination", artifacts, "--workers", "1"],
+                          "--port", str(port), *store, "--artifacts-destination", artifacts, "--workers", "1", *args],
                          f"{url}/health", log,
                          env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | (env or {}), name="mlflow",
                          url=url)
@@ -211,6 +212,16 @@ def prometheus_server(folder: Path, config: dict, port: int | None = None) -> Ma
     return ManagedServer([tool("prometheus", PROMETHEUS_HINT), f"--config.file={folder / 'prometheus.yml'}",
                           f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                          f"{url}/-/ready", folder / "prometheus.log", url=url)
+
+
+def prom_query(url: str, expr: str, at: float | None = None) -> list:
+    "Result of a Prometheus instant query (at time `at`, default now); fails on any error (HTTP, PromQL, warnings)."
+    import requests
+    r = requests.get(f"{url}/api/v1/query", params={"query": expr} | ({} if at is None else {"time": at}), timeout=10)
+    body = r.json()
+    assert r.ok and body["status"] == "success", f"{expr}: {body}"
+    assert not body.get("warnings"), f"{expr}: {body['warnings']}"
+    return body["data"]["result"]
 
 
 def pushgateway_server(folder: Path, port: int | None = None) -> ManagedServer:
