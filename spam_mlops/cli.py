@@ -34,8 +34,8 @@ from .config import (BackupSettings, DriftSettings, RetrainSettings, SpamMlopsEr
 from .lake import Lake
 
 # %% auto #0
-__all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'lake_app', 'command', 'quiet_console', 'import_tensorflow', 'ingest', 'curate',
-           'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'rollback', 'tune', 'serve',
+__all__ = ['app', 'QUIET_ENV', 'QUIET_LOGGERS', 'Engine', 'lake_app', 'command', 'quiet_console', 'import_tensorflow', 'ingest',
+           'curate', 'features', 'feast_apply', 'materialize', 'FeaturesSource', 'train', 'rollback', 'tune', 'serve',
            'feedback_import', 'drift', 'backup', 'restore', 'run', 'main', 'lake_command', 'history', 'compact',
            'vacuum', 'upgrade']
 
@@ -125,19 +125,23 @@ def ingest(source: Annotated[str | None, typer.Argument(help="A file, http(s) UR
     print(run(get_settings(), source=source))
 
 
+Engine = Annotated[str | None, typer.Option("--engine", help="local (pandas here), ray (Ray Data on RAY_ADDRESS's "
+                                             "cluster, or a local Ray) or auto. Default: SPAM_MLOPS_DATA_ENGINE")]
+
+
 @command()
-def curate():
+def curate(engine: Engine = None):
     "Clean and deduplicate the raw rows not curated yet into the curated table."
-    from spam_mlops.curate import curate as run
-    print(run(get_settings()))
+    from spam_mlops.engine import run
+    print(run("curate", get_settings(), engine))
 
 
 @command()
 def features(full: Annotated[bool, typer.Option("--full", help="Recompute every row, not only the new ones")]
-             = False):
+             = False, engine: Engine = None):
     "Compute the features of new curated rows into features/nlp_features.parquet (Feast's source)."
-    from spam_mlops.features import features as run
-    print(run(get_settings(), full=full))
+    from spam_mlops.engine import run
+    print(run("features", get_settings(), engine, full=full))
 
 # %% ../nbs/10_cli.ipynb #635c8993
 @command("feast-apply")

@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 # %% auto #0
 __all__ = ['UCI_URL', 'UCI_SHA256', 'LakeRoot', 'Source', 'Endpoint', 'SpamMlopsError', 'ConfigError', 'Settings', 'env_name',
            'get_settings', 'child_env', 'Section', 'ServeSettings', 'DriftSettings', 'RetrainSettings',
-           'BackupSettings', 'TableSettings', 'FeedbackSettings', 'TrainSettings']
+           'BackupSettings', 'TableSettings', 'EngineSettings', 'FeedbackSettings', 'TrainSettings']
 
 # %% ../nbs/08_config.ipynb #a3c1e0f2
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -230,6 +230,16 @@ class TableSettings(Section):
     retention_hours: float = Field(168.0, ge=0)  # vacuum keeps files removed less than this long ago
     compact_min_files: int = Field(16, ge=2)  # `lake compact` rewrites a table once it has this many small files
     commit_retries: int = Field(5, ge=1)  # tries of a commit that lost a race with another writer
+
+
+# %% ../nbs/08_config.ipynb #e555948a
+class EngineSettings(Section):
+    "Where curate and features run (`spam_mlops.engine`): this process, or Ray Data on the Ray cluster (RAY_ADDRESS)."
+    model_config = SettingsConfigDict(env_prefix="SPAM_MLOPS_DATA_")
+
+    engine: Literal["local", "ray", "auto"] = "local"  # local: pandas here; ray: Ray Data; auto: Ray above auto_rows
+    auto_rows: int = Field(2_000_000, ge=0)  # `auto` picks Ray when the raw table holds more rows than this
+    block_rows: int = Field(100_000, ge=1_000)  # rows per Ray Data block (and per batch of the stage functions)
 
 
 # %% ../nbs/08_config.ipynb #83f60ba5

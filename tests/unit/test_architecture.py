@@ -21,6 +21,7 @@ LAYERS = {
     "ingest": 3, "backup": 3,
     "curate": 4,
     "features": 5,
+    "engine": 6,
     "feature_store": 6, "predlog": 6,
     "profile": 7, "model": 7, "service": 7, "frame": 7,
     "train": 8, "api": 8, "domain": 8,

@@ -1,0 +1,74 @@
+"""The two engines of curate and features (issue 15, item 1): Ray Data on a real two-node Ray cluster (separate
+raylets, a 0-CPU head and two 1-CPU workers, as `cluster.LocalCluster` builds it) produces exactly what the local
+engine produces: the same message_ids, rows, values and dtypes, the same (empty) conflict quarantine, batch after
+batch; and its tasks ran on both worker nodes."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from support import corpus_path
+
+from spam_mlops import cluster
+from spam_mlops.config import get_settings
+from spam_mlops.curate import CONFLICTS, read_curated
+from spam_mlops.engine import run, table_rows
+from spam_mlops.features import read_features
+from spam_mlops.ingest import RAW_TABLE, ingest
+from spam_mlops.lake import Lake
+from spam_mlops.tables import Table
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    "A head with 0 CPUs and two worker nodes of 1 CPU each; this process joins it as the driver."
+    with cluster.LocalCluster(workers=(1, 1), object_store_mb=200) as c:
+        yield c
+        cluster.stop()  # the driver's connection, before the nodes go
+
+
+def _batches(tmp_path) -> list:
+    "The corpus as two batches (files): the first 3,000 lines, then the rest."
+    lines = corpus_path().read_bytes().splitlines(keepends=True)
+    out = []
+    for i, part in enumerate((lines[:3000], lines[3000:])):
+        (p := tmp_path / f"batch{i}.txt").write_bytes(b"".join(part))
+        out.append(p)
+    return out
+
+
+def _same(a: Lake, b: Lake):
+    "Curated rows, features and conflict files of two lakes are equal (run times aside), with the same dtypes."
+    cur = [read_curated(x).drop(columns="curated_at").sort_values("message_id", ignore_index=True) for x in (a, b)]
+    pd.testing.assert_frame_equal(*cur)
+    feats = [read_features(x).drop(columns="event_timestamp").sort_values("message_id", ignore_index=True)
+             for x in (a, b)]
+    pd.testing.assert_frame_equal(*feats)
+    assert feats[0].message_id.tolist() == cur[0].message_id.tolist()
+    assert [sorted(x.list(CONFLICTS)) if x.exists(CONFLICTS) else [] for x in (a, b)] == [[], []]
+    return len(cur[0])
+
+
+def test_ray_engine_equals_the_local_engine_on_two_nodes(two_nodes, tmp_path, monkeypatch):
+    from ray.util.state import list_tasks
+    monkeypatch.setenv("SPAM_MLOPS_DATA_BLOCK_ROWS", "1000")  # several blocks per run, so both nodes get some
+    local = get_settings(lake=str(tmp_path / "local"))
+    ray_ = get_settings(lake=str(tmp_path / "ray"), ray_address=two_nodes.address)
+    rows = []
+    for batch in _batches(tmp_path):
+        for s in (local, ray_): ingest(s, source=str(batch))
+        reports = {e: (run("curate", s, e), run("features", s, e)) for e, s in (("local", local), ("ray", ray_))}
+        for stage in (0, 1):  # each engine reports the same new rows, and only the new ones
+            assert reports["local"][stage].__dict__ | {"curated": None, "features": None} == \
+                   reports["ray"][stage].__dict__ | {"curated": None, "features": None}, reports
+        rows.append(_same(Lake.from_settings(local), Lake.from_settings(ray_)))
+    assert 2_000 < rows[0] < rows[1], rows  # the second batch added rows, and the runs added only those
+    assert table_rows(Table(Lake.from_settings(ray_), RAW_TABLE, ray_)) == rows[1]  # raw holds one row per message
+    assert "0 new rows" in str(run("curate", ray_, "ray"))  # nothing new: no commit, nothing computed
+
+    done = list_tasks(address=two_nodes.dashboard_url, filters=[("state", "=", "FINISHED")], limit=10_000,
+                      raise_on_missing_output=False)
+    nodes = {t.node_id for t in done if "MapBatches" in t.name}
+    workers = {n.node_id for n in two_nodes.alive_nodes() if not n.is_head_node}
+    assert len(workers) == 2 and nodes == workers, (nodes, workers)  # the work ran on both worker nodes
