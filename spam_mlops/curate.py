@@ -66,11 +66,11 @@ CHUNK = 1 << 15  # rows per task when a large batch is split over the cores
 
 # %% ../nbs/01_curate.ipynb #2c3d4e5f
 def to_arrow(text) -> pa.Array:
-    "Texts (a Series, list or Arrow array) as one Arrow string array."
+    "Texts (a Series, list or Arrow array) as one Arrow string array (never chunked: the kernels below need one)."
     if isinstance(text, pd.Series): text = text.array
-    if isinstance(text, pd.arrays.ArrowStringArray): text = text._pa_array
-    if isinstance(text, pa.ChunkedArray): return text.combine_chunks().cast(pa.string())
-    return pa.array(text, type=pa.string())
+    if isinstance(text, pd.arrays.ArrowExtensionArray): text = text._pa_array  # string[pyarrow], ArrowDtype (Ray)
+    a = text if isinstance(text, pa.Array | pa.ChunkedArray) else pa.array(text, type=pa.string())
+    return (a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a).cast(pa.string())
 
 
 def map_chunks(fn, arr: pa.Array, size: int = CHUNK) -> list:
