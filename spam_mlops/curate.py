@@ -32,8 +32,8 @@ from .tables import Table, TableError, written_table
 
 # %% auto #0
 __all__ = ['CURATED_TABLE', 'CURATED_COLUMNS', 'CURATED', 'CONFLICTS', 'EMAIL_RE', 'URL_RE', 'MONEY_RE', 'PHONE_RE', 'CHUNK',
-           'CurateError', 'to_arrow', 'map_chunks', 'clean_text', 'curate_frame', 'last_raw_version', 'unseen_raw',
-           'CurateReport', 'curate', 'read_curated']
+           'CurateError', 'to_arrow', 'map_chunks', 'clean_text', 'curate_frame', 'last_raw_version', 'seen_ids',
+           'unseen_raw', 'CurateReport', 'curate', 'read_curated']
 
 # %% ../nbs/01_curate.ipynb #0da3968f
 CURATED_TABLE = "curated"  # the table (spam_mlops.tables) of cleaned, deduplicated messages
@@ -131,13 +131,19 @@ def last_raw_version(cur: Table) -> int | None:
     return int(seen[-1]) if seen else None
 
 
+def seen_ids(raw: Table, cur: Table, since: int | None = None) -> pd.Series:
+    "The message_ids already curated, and (when `since` is given and readable) those `raw` held at version `since`."
+    seen = [cur.read(columns=["message_id"]).message_id] if cur.exists() else []
+    if since is not None:
+        try: seen.append(raw.read(version=since, columns=["message_id"]).message_id)
+        except TableError: pass  # vacuumed: the curated ids alone decide
+    return pd.concat(seen, ignore_index=True).drop_duplicates() if seen else pd.Series([], dtype=object)
+
+
 def unseen_raw(raw: Table, cur: Table, since: int | None = None) -> pd.DataFrame:
     "Rows of `raw` not in `cur`, and (when `since` is given and readable) added to `raw` after version `since`."
     ids = raw.read(columns=["message_id"]).message_id
-    new = ~ids.isin(cur.read(columns=["message_id"]).message_id) if cur.exists() else ids.notna()
-    if since is not None:
-        try: new &= ~ids.isin(raw.read(version=since, columns=["message_id"]).message_id)
-        except TableError: pass  # vacuumed: the curated ids alone decide
+    new = ~ids.isin(seen_ids(raw, cur, since))
     if not new.any(): return pd.DataFrame({c: [] for c in RAW_COLUMNS})
     rows = raw.read()
     rows = rows[rows.message_id.isin(set(ids[new]))]

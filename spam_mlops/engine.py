@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import EngineSettings, Settings, get_settings
-from .curate import CURATED_COLUMNS, CURATED_TABLE, CurateReport, curate_frame, last_raw_version, read_curated
+from .curate import (CURATED_COLUMNS, CURATED_TABLE, CurateReport, curate_frame, last_raw_version,
+                                read_curated, seen_ids)
 from .features import FEATURES, FEATURES_MANIFEST, FeaturesReport, build_features, read_features
 from .ingest import RAW_TABLE, read_raw
 from .cluster import start as start_ray
@@ -126,11 +127,7 @@ def curate(settings: Settings | None = None, lake: Lake | None = None) -> Curate
     since = last_raw_version(cur)
     if since == rv: return CurateReport(0, 0, 0, 0, cur.uri, rv, cur.version())
     start_ray(settings=settings, purpose="data")
-    seen = [cur.read(columns=["message_id"]).message_id] if cur.exists() else []
-    if since is not None:
-        try: seen.append(raw.read(version=since, columns=["message_id"]).message_id)
-        except Exception: pass  # vacuumed: the curated ids alone decide
-    ids = pa.array(pd.concat(seen).unique() if seen else [], type=pa.string())
+    ids = pa.array(seen_ids(raw, cur, since), type=pa.string())
     at = pd.Timestamp.now(tz="UTC").floor("ms")
 
     def clean(batch: pd.DataFrame) -> pd.DataFrame:
