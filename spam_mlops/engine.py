@@ -22,7 +22,7 @@ from .features import FEATURES, FEATURES_MANIFEST, FeaturesReport, build_feature
 from .ingest import RAW_TABLE, read_raw
 from .cluster import start as start_ray
 from .lake import Lake
-from .tables import LOG_RETENTION, Table, _arrow, _commit_props
+from .tables import Table, _arrow
 
 
 # %% auto #0
@@ -116,8 +116,6 @@ def curate(settings: Settings | None = None, lake: Lake | None = None) -> Curate
     """`curate.curate` on Ray Data: the raw rows not curated yet, cleaned by Ray tasks (the same batch functions),
     appended to `curated` in one commit that records the raw version. The raw table holds one row per message_id
     (ingest MERGEs on it and quarantines conflicts), so no shuffle is needed to deduplicate."""
-    from deltalake import write_deltalake
-
     settings = settings or get_settings()
     lake = lake or Lake.from_settings(settings)
     es = get_settings(EngineSettings)
@@ -142,14 +140,10 @@ def curate(settings: Settings | None = None, lake: Lake | None = None) -> Curate
             yield f
     schema, batches = _stream(frames(), cur._schema())
     if schema is None: return CurateReport(0, 0, 0, 0, cur.uri, rv, cur.version())
-    if lake.is_s3: lake._ensure_bucket()
-    write_deltalake(cur.uri, pa.RecordBatchReader.from_batches(schema, batches), mode="append",
-                    schema_mode="merge", storage_options=cur.options or None,
-                    configuration={"delta.logRetentionDuration": LOG_RETENTION},
-                    commit_properties=_commit_props({"raw_version": rv, "rows_in": counted["rows"],
-                                                     "engine": "ray"}))
+    version = cur.append_stream(pa.RecordBatchReader.from_batches(schema, batches),
+                                meta={"raw_version": rv, "rows_in": counted["rows"], "engine": "ray"})
     n = counted["rows"]
-    return CurateReport(n, 0, 0, n, cur.uri, rv, cur.version())
+    return CurateReport(n, 0, 0, n, cur.uri, rv, version)
 
 
 # %% ../nbs/17_engine.ipynb #c64d4d39

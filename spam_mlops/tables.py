@@ -159,18 +159,31 @@ def _append(self: Table, df: pd.DataFrame,  # the rows to add
             ) -> int:
     "Append `df` in one commit (creating the table); the new version. No rows, no commit (once the table exists)."
     if df.empty and (v := self.version()) is not None: return v
-    if self.lake.is_s3: self.lake._ensure_bucket()  # delta-rs does not create buckets
-    def attempt():
-        write_deltalake(self.uri, _arrow(df, self._schema()), mode="append", partition_by=partition_by,
-                        schema_mode="merge", storage_options=self.options or None,
-                        configuration={"delta.logRetentionDuration": LOG_RETENTION},
-                        commit_properties=_commit_props(meta))
-    try: self._retrying()(attempt)
+    if self.lake.is_s3: self.lake._ensure_bucket()  # delta-rs does not create buckets (nor can the schema be read)
+    try: self._retrying()(lambda: self._write_append(_arrow(df, self._schema()), meta, partition_by))
     except (DeltaError, OSError, pa.ArrowException) as e: raise self._fail("append", e) from e
     return self.version()
 
 
-Table.append = _append
+def _append_stream(self: Table, batches: pa.RecordBatchReader,  # the rows to add, read once
+                   meta: dict | None = None,  # stored in the commit, as for `append`
+                   ) -> int:
+    """Append a stream of record batches in one commit, reading it once (a few batches in memory); the new version.
+    Not retried: a stream cannot be read again (a lost race fails with the table's error)."""
+    if self.lake.is_s3: self.lake._ensure_bucket()
+    try: self._write_append(batches, meta)
+    except (DeltaError, OSError, pa.ArrowException) as e: raise self._fail("append", e) from e
+    return self.version()
+
+
+def _write_append(self: Table, data, meta: dict | None, partition_by: list[str] | None = None):
+    "One append commit of `data` (an Arrow table or stream), creating the table if needed (the bucket must exist)."
+    write_deltalake(self.uri, data, mode="append", partition_by=partition_by, schema_mode="merge",
+                    storage_options=self.options or None, configuration={"delta.logRetentionDuration": LOG_RETENTION},
+                    commit_properties=_commit_props(meta))
+
+
+Table.append, Table.append_stream, Table._write_append = _append, _append_stream, _write_append
 
 # %% ../nbs/16_tables.ipynb #t4f7a8b9
 def _merge(self: Table, df: pd.DataFrame,  # the rows to upsert
