@@ -1,9 +1,12 @@
 """Full-size quality of the LSTM beside the char n-gram SVM baseline, on the fixed test split.
 
 Usage: SPAM_MLOPS_LAKE=/path/to/lake .venv/bin/python bench/train_quality.py [--source feast|lake] [--features]
-       [--ray N] [key=value ...]
+       [--ray N] [--nodes 2] [--seeds K] [key=value ...]
 Prints the machine, the split, each model's test metrics and training time. Trains in-process through the same
 `fit_model` loop that Ray Train and Ray Tune run (`--ray N` also trains through TensorflowTrainer with N workers).
+`--nodes 2` starts a local two-node cluster (a 0-CPU head and two 1-CPU worker nodes, `cluster.LocalCluster`) and
+trains, for each seed, through Ray Train with 1 worker and with 2 workers on the two nodes (each reading its own
+shard), at the same global batch (1 x 2B vs 2 x B), then prints the mean and spread of each over the seeds.
 The training frame comes from Feast's historical retrieval as in `spam-mlops train` (run `spam-mlops feast-apply`
 on that lake first), or with `--source lake` from the lake's features Parquet directly (the same frame).
 """
@@ -14,6 +17,7 @@ import time
 
 import pandas as pd
 
+from spam_mlops import cluster
 from spam_mlops.config import get_settings
 from spam_mlops.model import (
     DEFAULT_CONFIG,
@@ -50,6 +54,8 @@ def main():
                     help="also train the LSTM with the tabular features as a second input")
     ap.add_argument("--ray", type=int, default=0, help="also train through Ray Train with this many workers")
     ap.add_argument("--seeds", type=int, default=1, help="repeat the LSTM with this many seeds")
+    ap.add_argument("--nodes", type=int, choices=[0, 2], default=0,
+                    help="2: 1 vs 2 Ray Train workers on a local two-node cluster, per seed")
     ap.add_argument("overrides", nargs="*", help="config key=value")
     a = ap.parse_args()
     cfg = DEFAULT_CONFIG | {k: _value(v) for k, v in (o.split("=", 1) for o in a.overrides)}
@@ -66,10 +72,10 @@ def main():
     base_row = evaluate(test.y.values, base, 0.0) | {"train_s": time.time() - t}
     rows["baseline char 2-5 gram TF-IDF + LinearSVC"] = base_row
 
-    def lstm(name, c, features=False, workers=0):
+    def lstm(name, c, features=False, workers=0, settings=None):
         data = prepare_data(parts, c, features=features)
         t = time.time()
-        if workers: net, hist = run_trainer(c, data, workers)
+        if workers: net, hist = run_trainer(c, data, workers, settings=settings)
         else: net, hist = fit_model(c | {"features": features}, data)
         secs = time.time() - t
         if features:
@@ -84,9 +90,22 @@ def main():
         for s in range(a.seeds):
             lstm(f"LSTM + tabular features seed {cfg['seed'] + s}", cfg | {"seed": cfg["seed"] + s}, features=True)
     if a.ray: lstm(f"LSTM via Ray Train, {a.ray} worker(s)", cfg, workers=a.ray)
+    if a.nodes:
+        with cluster.LocalCluster(workers=(1, 1), object_store_mb=512) as c:
+            on = get_settings(ray_address=c.address)
+            for s in range(a.seeds):
+                seeded = cfg | {"seed": cfg["seed"] + s}
+                lstm(f"Ray Train 1 worker, batch 2B, seed {seeded['seed']}",
+                     seeded | {"batch_size": 2 * cfg["batch_size"]}, workers=1, settings=on)
+                lstm(f"Ray Train 2 workers on 2 nodes, batch B, seed {seeded['seed']}", seeded, workers=2, settings=on)
     df = pd.DataFrame(rows).T
     pd.set_option("display.width", 200)
     print(df.round(4).to_string())
+    if a.nodes:
+        for kind in ("Ray Train 1 worker", "Ray Train 2 workers"):
+            runs = df[df.index.str.startswith(kind)]
+            print(f"{kind}: test MCC {runs.mcc.mean():.4f} ± {runs.mcc.std():.4f}, F1 {runs.f1.mean():.4f}, "
+                  f"accuracy {runs.accuracy.mean():.4f} over {len(runs)} seed(s); {runs.train_s.mean():.0f} s a run")
     print("goal:", GOAL)
     for name, r in rows.items():
         miss = [k for k, v in GOAL.items() if r[k] < v]

@@ -27,8 +27,8 @@ from .curate import clean_text
 from .features import FEATURE_TYPES
 
 # %% auto #0
-__all__ = ['DEFAULT_CONFIG', 'make_vectorizer', 'build_model', 'export_model', 'class_weights', 'prepare_data', 'fit_model',
-           'evaluate', 'train_baseline', 'predict_texts', 'SpamModel']
+__all__ = ['DEFAULT_CONFIG', 'SHARDED', 'make_vectorizer', 'build_model', 'export_model', 'class_weights', 'prepare_data',
+           'fit_model', 'train_dataset', 'shard_arrays', 'evaluate', 'train_baseline', 'predict_texts', 'SpamModel']
 
 # %% ../nbs/04a_model.ipynb #e76b40cf
 DEFAULT_CONFIG = dict(
@@ -171,33 +171,41 @@ def _epoch_fn(model, opt, strategy, global_batch: int):
     return train_epoch
 
 # %% ../nbs/04a_model.ipynb #dbc73475
-def _epoch_batches(data: dict,  # prepare_data's arrays
+def _epoch_batches(data: dict,  # prepare_data's arrays (sharded: this worker's train rows only)
                    epoch: int,  # the epoch's number (from 0): its shuffle seed is seed + epoch
                    seed: int,  # the run's seed
                    batch_size: int,  # per worker
                    rank: int = 0,  # this worker
                    world_size: int = 1,  # all workers
-                   features: bool = False):  # feed the scaled features too
+                   features: bool = False,  # feed the scaled features too
+                   sharded: bool = False):  # the train rows are this worker's shard (equal shards), not all rows
     "This worker's batches of one shuffled epoch, padded with zero-weight rows to whole global batches; (ds, steps)."
     import tensorflow as tf
-    n, gbs = len(data["y_train"]), batch_size * world_size
-    steps = -(-n // gbs)
-    order = np.random.default_rng(seed + epoch).permutation(n)
-    order = np.concatenate([order, order[: steps * gbs - n]])  # pad to whole global batches
-    w = data["w_train"][order].copy()
-    w[n:] = 0.0  # padding rows weigh nothing
-    lo, hi = rank * batch_size, (rank + 1) * batch_size
-    mine = np.concatenate([np.arange(s * gbs + lo, s * gbs + hi) for s in range(steps)])
-    ds = tf.data.Dataset.from_tensor_slices((_inputs(data, "train", order[mine], features),
-                                             data["y_train"][order[mine]].astype("float32"), w[mine]))
+    n = len(data["y_train"])
+    if sharded:  # every worker holds as many rows as the others: it shuffles and pads its own
+        steps = -(-n // batch_size)
+        mine = np.resize(np.random.default_rng([seed, epoch, rank]).permutation(n), steps * batch_size)
+        pad = np.arange(len(mine)) >= n
+    else:  # every worker holds all rows: it takes its slice of each global batch
+        gbs = batch_size * world_size
+        steps = -(-n // gbs)
+        order = np.resize(np.random.default_rng(seed + epoch).permutation(n), steps * gbs)  # whole global batches
+        lo, hi = rank * batch_size, (rank + 1) * batch_size
+        at = np.concatenate([np.arange(s * gbs + lo, s * gbs + hi) for s in range(steps)])
+        mine, pad = order[at], at >= n
+    w = np.where(pad, 0.0, data["w_train"][mine]).astype("float32")  # padding rows weigh nothing
+    ds = tf.data.Dataset.from_tensor_slices((_inputs(data, "train", mine, features),
+                                             data["y_train"][mine].astype("float32"), w))
     return ds.batch(batch_size), steps
+
 
 # %% ../nbs/04a_model.ipynb #69d4dde2
 def fit_model(config: dict,  # overrides of DEFAULT_CONFIG
               data: dict,  # prepare_data's arrays
               report=None,  # called with each epoch's metrics
               rank: int = 0,  # this worker's rank under Ray Train
-              world_size: int = 1):  # the number of workers
+              world_size: int = 1,  # the number of workers
+              sharded: bool = False):  # data's train rows are this worker's shard of them (Ray Train's dataset)
     "Train build_model on data with the config, early stopping on val_loss; returns (model, history)."
     import keras
     import tensorflow as tf
@@ -212,13 +220,14 @@ def fit_model(config: dict,  # overrides of DEFAULT_CONFIG
         opt = keras.optimizers.Adam(float(c["learning_rate"]))
     train_epoch = _epoch_fn(model, opt, strategy, bs * world_size)
     predict = tf.function(lambda x: model(x, training=False))
+    n_train = len(data["y_train"]) * (world_size if sharded else 1)
     history, best, best_weights, waited = [], np.inf, None, 0
     for epoch in range(int(c["epochs"])):
         t0 = time.time()
-        ds, steps = _epoch_batches(data, epoch, int(c["seed"]), bs, rank, world_size, feats)
+        ds, steps = _epoch_batches(data, epoch, int(c["seed"]), bs, rank, world_size, feats, sharded)
         tot, cor = train_epoch(ds)
         p = predict(_inputs(data, "val", features=feats)).numpy()[:, 0]
-        m = {"epoch": epoch + 1, "loss": float(tot) / steps, "accuracy": float(cor) / len(data["y_train"]),
+        m = {"epoch": epoch + 1, "loss": float(tot) / steps, "accuracy": float(cor) / n_train,
              **_val_metrics(data["y_val"], p), "epoch_seconds": time.time() - t0}
         history.append(m)
         if report: report(m)
@@ -228,6 +237,29 @@ def fit_model(config: dict,  # overrides of DEFAULT_CONFIG
             if waited >= int(c["patience"]): break
     if best_weights is not None: model.set_weights(best_weights)
     return model, history
+
+# %% ../nbs/04a_model.ipynb #d582a16b
+SHARDED = ("x_train", "y_train", "w_train", "f_train")  # the train split's arrays, read from dataset shards
+
+
+def train_dataset(data: dict):  # -> ray.data.Dataset
+    "The train split of prepare_data's arrays as a Ray Dataset, one row per message (its position in `row`)."
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+    cols = {k: data[k] for k in SHARDED if k in data}
+    arrow = {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in cols.items()}
+    return ray.data.from_arrow(pa.table({"row": np.arange(len(data["y_train"]))} | arrow))
+
+
+def shard_arrays(shard) -> dict:  # a DataIterator (ray.train.get_dataset_shard) or a Dataset
+    "A dataset shard's rows as prepare_data's train arrays, in row order (the same shard gives the same arrays)."
+    batches = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
+    if not batches: raise ValueError("this worker's shard of the train split is empty: fewer rows than workers")
+    cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    order = np.argsort(cols.pop("row"), kind="stable")
+    return {k: v[order] for k, v in cols.items()}
+
 
 # %% ../nbs/04a_model.ipynb #e901ba43
 def evaluate(y: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict:

@@ -47,7 +47,8 @@ from .ingest import MANIFEST
 from .lake import Lake
 # the model's building blocks, re-exported: their old `spam_mlops.train.<name>` keeps working
 from .model import DEFAULT_CONFIG, SpamModel, _requirements, build_model, class_weights, evaluate
-from .model import export_model, fit_model, make_vectorizer, predict_texts, prepare_data, train_baseline
+from .model import SHARDED, export_model, fit_model, make_vectorizer, predict_texts, prepare_data
+from .model import shard_arrays, train_baseline, train_dataset
 from .profile import BASELINE_ARTIFACT, log_baseline, profile_from_parts
 from .registry import RegistryError
 from .tables import Table, TableError
@@ -153,12 +154,12 @@ def epoch_logger(run_id: str, tracking_uri: str):
 
 # %% ../nbs/04b_train.ipynb #90e1a169
 def train_loop_per_worker(config: dict):
-    "Ray Train entry point: run fit_model on this worker, report each epoch, checkpoint the best model from rank 0."
+    "Ray Train entry point: fit_model on this worker's shard, report each epoch, checkpoint the best model from rank 0."
     import ray
     import ray.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    data = ray.get(config["data_ref"])
+    data = ray.get(config["data_ref"]) | shard_arrays(ray.train.get_dataset_shard("train"))
     cfg = {k: v for k, v in config.items() if k != "data_ref" and k not in _MLFLOW_KEYS}
     live = rank == 0 and config.get("mlflow_run_id")
     log = epoch_logger(config["mlflow_run_id"], config["mlflow_tracking_uri"]) if live else None
@@ -166,7 +167,7 @@ def train_loop_per_worker(config: dict):
     def report(m):
         if log: log(m)
         ray.train.report(m)
-    model, history = fit_model(cfg, data, report=report, rank=rank, world_size=world)
+    model, history = fit_model(cfg, data, report=report, rank=rank, world_size=world, sharded=True)
     final = min(history, key=lambda m: m["val_loss"]) | {"final": 1}
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
@@ -196,7 +197,7 @@ def _remove_run(storage: str, fs, name: str):
 
 
 def run_trainer(config: dict,  # fit_model's config
-                data: dict,  # prepare_data's arrays, put in Ray's object store once
+                data: dict,  # prepare_data's arrays: the train split goes as a sharded Ray Dataset, the rest by ref
                 workers: int = 1,  # Ray Train workers, one CPU each
                 storage_path: str | None = None,  # Ray Train's runs folder (default: the lake's runs/train)
                 mlflow_run: tuple[str, str] | None = None,  # (run id, tracking URI) rank 0 logs every epoch to
@@ -212,8 +213,10 @@ def run_trainer(config: dict,  # fit_model's config
     try:
         live = dict(zip(_MLFLOW_KEYS, (mlflow_run[0], registry.absolute_uri(mlflow_run[1])), strict=True)) \
             if mlflow_run else {}
-        loop_config = dict(config, data_ref=ray.put(data), **live)
+        rest = {k: v for k, v in data.items() if k not in SHARDED}
+        loop_config = dict(config, data_ref=ray.put(rest), **live)
         trainer = TensorflowTrainer(train_loop_per_worker, train_loop_config=loop_config,
+                                    datasets={"train": train_dataset(data)},
                                     scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                                     run_config=RunConfig(storage_path=storage, storage_filesystem=fs, name=name))
         try: result = trainer.fit()

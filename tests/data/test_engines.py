@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from support import corpus_path
 
-from spam_mlops import cluster
 from spam_mlops.config import get_settings
 from spam_mlops.curate import CONFLICTS, read_curated
 from spam_mlops.engine import run, table_rows
@@ -18,14 +17,6 @@ from spam_mlops.lake import Lake
 from spam_mlops.tables import Table
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    "A head with 0 CPUs and two worker nodes of 1 CPU each; this process joins it as the driver."
-    with cluster.LocalCluster(workers=(1, 1), object_store_mb=200) as c:
-        yield c
-        cluster.stop()  # the driver's connection, before the nodes go
 
 
 def _batches(tmp_path) -> list:

@@ -10,6 +10,7 @@ import mlflow.tensorflow
 import numpy as np
 import pandas as pd
 import pytest
+from support import feature_repo_copy
 
 from spam_mlops import registry
 from spam_mlops.config import get_settings
@@ -43,19 +44,12 @@ from spam_mlops.train import (
 )
 
 TINY = {"max_len": 24, "embedding_dim": 8, "lstm_units": 8, "epochs": 2, "batch_size": 32}
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _repo(tmp: Path) -> str:
-    "A private copy of feature_repo/ (its own registry and SQLite files), not yet applied."
-    shutil.copytree(ROOT / "feature_repo", tmp, ignore=shutil.ignore_patterns("data", "__pycache__"))
-    return str(tmp)
 
 
 @pytest.fixture(scope="module")
 def feast_repo(pipeline_lake, tmp_path_factory):
     "A private feature repo with the Feast definitions applied over the pipeline lake (`spam-mlops feast-apply`)."
-    repo = _repo(tmp_path_factory.mktemp("feast") / "feature_repo")
+    repo = feature_repo_copy(tmp_path_factory.mktemp("feast") / "feature_repo")
     apply(get_settings(lake=pipeline_lake.lake, feature_repo=repo, online_store="sqlite"))
     return repo
 
@@ -123,7 +117,7 @@ def test_feast_frame_equals_the_lake_join(pipeline_lake, feast_repo):
 
 
 def test_feast_frame_needs_the_definitions_applied(pipeline_lake, tmp_path):
-    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="sqlite")
+    s = get_settings(lake=pipeline_lake.lake, feature_repo=feature_repo_copy(tmp_path / "repo"), online_store="sqlite")
     with pytest.raises(TrainError, match="not in the registry.*spam-mlops feast-apply"):
         training_frame(s)
 
@@ -132,7 +126,7 @@ def test_feast_frame_names_lost_messages(pipeline_lake, tmp_path):
     "A features Parquet without some curated messages: Feast cannot fill them, training stops naming the count."
     lake_dir = tmp_path / "lake"
     shutil.copytree(pipeline_lake.lake, lake_dir)
-    s = get_settings(lake=str(lake_dir), feature_repo=_repo(tmp_path / "repo"), online_store="sqlite")
+    s = get_settings(lake=str(lake_dir), feature_repo=feature_repo_copy(tmp_path / "repo"), online_store="sqlite")
     lk = Lake.from_settings(s)
     feats = lk.read_parquet(FEATURES)
     lk.write_parquet(FEATURES, feats.iloc[3:].reset_index(drop=True))
@@ -315,7 +309,7 @@ def test_gate_rules(pipeline_lake, tracking):
 
 
 def test_train_without_feast_apply_fails_clearly(pipeline_lake, tmp_path, tracking):
-    s = get_settings(lake=pipeline_lake.lake, feature_repo=_repo(tmp_path / "repo"), online_store="sqlite")
+    s = get_settings(lake=pipeline_lake.lake, feature_repo=feature_repo_copy(tmp_path / "repo"), online_store="sqlite")
     with pytest.raises(TrainError, match="spam-mlops feast-apply"):
         train(s, TINY, workers=0)
     runs = mlflow.search_runs(experiment_names=[s.experiment])

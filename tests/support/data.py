@@ -46,3 +46,10 @@ def pg_exec(sql: str, dbname: str = "postgres"):
             return cur.fetchall() if cur.description else None
     finally:
         con.close()
+
+
+def feature_repo_copy(dest: Path) -> str:
+    "A private copy of feature_repo/ at `dest` (same YAML, overlay and definitions; its own registry and SQLite)."
+    import shutil
+    shutil.copytree(ROOT / "feature_repo", dest, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return str(dest)

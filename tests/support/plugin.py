@@ -47,6 +47,17 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A real multi-node Ray cluster on this machine for a test module: a 0-CPU head and two 1-CPU worker nodes,
+    separate raylets with their own object stores (`cluster.LocalCluster`); a driver that joined it is
+    disconnected before the nodes are stopped by pid."""
+    from spam_mlops import cluster
+    with cluster.LocalCluster(workers=(1, 1), object_store_mb=200) as c:
+        yield c
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def pipeline_lake(tmp_path_factory, corpus):
     "A local lake with ingest, curate and features run on the full corpus; yields its Settings."
