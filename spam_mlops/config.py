@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     experiment: str = "spam_detection"  # MLflow experiment
     model_name: str = "spam_detection"  # registered model name
     online_store: Literal["sqlite", "redis"] = "sqlite"  # Feast online store
+    offline_store: Literal["file", "ray"] = "file"  # Feast offline store and batch engine: file (Dask here), ray
     redis_url: str = "redis://127.0.0.1:6379/0"  # Redis for the Feast online store
     s3_endpoint: Endpoint = Field(None, validation_alias=AliasChoices("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"))
     aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")

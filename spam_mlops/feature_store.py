@@ -3,7 +3,9 @@
 One Feast repository (`feature_repo/`) serves training and serving. Its offline store is the Parquet file
 the features stage writes (`<lake>/features/nlp_features.parquet`, a folder or `s3://` on MinIO); its
 online store is a SQLite file on one machine and Redis in production (`SPAM_MLOPS_ONLINE_STORE`), each with
-its own registry. The definitions (entity `message_id`, feature view `message_features`, feature service
+its own registry. The offline store is Feast's file store by default, or Feast's Ray offline store and
+Ray compute engine (`SPAM_MLOPS_OFFLINE_STORE=ray`) on the Ray cluster at `RAY_ADDRESS`, with the same
+values. The definitions (entity `message_id`, feature view `message_features`, feature service
 `spam_model_v1`) are built here from the settings and imported by `feature_repo/features.py`, so
 `feast apply`, `spam-mlops feast-apply` and this notebook register the same objects. Before Feast touches
 the Parquet file, its schema is checked against `FEATURE_TYPES` (Feast itself would accept a missing column
@@ -40,10 +42,10 @@ from .registry import redact
 from .resilience import Dependency, DependencyDown
 
 # %% auto #0
-__all__ = ['ENTITY', 'FEATURE_VIEW', 'FEATURE_SERVICE', 'TTL', 'REDIS_FAIL_MAX', 'REDIS_RESET_S', 'FeatureStoreError',
-           'FeatureSchemaError', 'OnlineStoreUnreachable', 'MissingFeaturesError', 'Definitions', 'source_path',
-           'definitions', 'redis_address', 'fs_yaml', 'repo_config', 'feature_store', 'check_schema', 'ApplyReport',
-           'apply', 'MaterializeReport', 'materialize', 'historical_features', 'online_features']
+__all__ = ['ENTITY', 'FEATURE_VIEW', 'FEATURE_SERVICE', 'TTL', 'RAY_OVERLAY', 'RAY_STAGING', 'REDIS_FAIL_MAX', 'REDIS_RESET_S',
+           'FeatureStoreError', 'FeatureSchemaError', 'OnlineStoreUnreachable', 'MissingFeaturesError', 'Definitions',
+           'source_path', 'definitions', 'redis_address', 'fs_yaml', 'repo_config', 'feature_store', 'check_schema',
+           'ApplyReport', 'apply', 'MaterializeReport', 'materialize', 'historical_features', 'online_features']
 
 # %% ../nbs/03_feature_store.ipynb #31ec1f94
 ENTITY = "message_id"
@@ -123,8 +125,26 @@ def fs_yaml(settings: Settings) -> Path:
     return Path(settings.feature_repo).expanduser().resolve() / name
 
 
+RAY_OVERLAY = "offline_store.ray.yaml"  # the offline_store and batch_engine keys of SPAM_MLOPS_OFFLINE_STORE=ray
+RAY_STAGING = "feast/ray_staging"  # the Ray offline store's storage_path, in the lake
+
+
+def _ray_overlay(settings: Settings, raw: dict) -> dict:
+    "`raw` with the Ray overlay's offline store and batch engine, the cluster address and staging path filled in."
+    import yaml
+    path = Path(settings.feature_repo).expanduser().resolve() / RAY_OVERLAY
+    if not path.is_file(): raise FeatureStoreError(f"SPAM_MLOPS_OFFLINE_STORE=ray: no overlay at {path}")
+    over = yaml.safe_load(path.read_text()) or {}
+    if set(over) != {"offline_store", "batch_engine"}:
+        raise FeatureStoreError(f"{path}: the overlay holds exactly offline_store and batch_engine, not {sorted(over)}")
+    address = {"ray_address": settings.ray_address} if settings.ray_address else {}
+    staging = Lake.from_settings(settings).url(RAY_STAGING)
+    return raw | {"offline_store": {"storage_path": staging, **over["offline_store"], **address},
+                  "batch_engine": {**over["batch_engine"], **address}}
+
+
 def repo_config(settings: Settings):  # -> feast.RepoConfig
-    "Feast's `RepoConfig` from the repository's YAML, variables filled in from the settings."
+    "Feast's `RepoConfig` from the repository's YAML (plus the Ray overlay), variables filled in from the settings."
     import yaml
     from feast import RepoConfig
     path = fs_yaml(settings)
@@ -135,6 +155,7 @@ def repo_config(settings: Settings):  # -> feast.RepoConfig
     raw = yaml.safe_load(string.Template(path.read_text()).safe_substitute(child_env(**extra)))
     unset = sorted(set(re.findall(r"\$\{(\w+)\}", json.dumps(raw))))  # comments are gone after parsing
     if unset: raise FeatureStoreError(f"{path}: environment variable(s) {', '.join(unset)} not set")
+    if settings.offline_store == "ray": raw = _ray_overlay(settings, raw)
     config = RepoConfig(**raw)
     config.repo_path = path.parent
     return config
@@ -146,6 +167,27 @@ def feature_store(settings: Settings):  # -> feast.FeatureStore
     from feast import FeatureStore
     config = repo_config(settings)
     return FeatureStore(repo_path=str(config.repo_path), config=config)
+
+
+@contextlib.contextmanager
+def _on_ray(settings: Settings):
+    """A block of Feast calls that may use the Ray offline store or engine: Ray joined at `RAY_ADDRESS` (or the
+    project's local Ray started) first, so Feast uses that connection; what this started is stopped after."""
+    if settings.offline_store != "ray":
+        yield
+        return
+    import ray
+    from .cluster import start, stop
+    started = start(settings=settings, purpose="feast")
+    try:
+        want, gcs = settings.ray_address, ray.get_runtime_context().gcs_address
+        port = lambda a: a.rpartition(":")[2]  # noqa: E731 (the GCS names the node's IP, not the address asked)
+        if want and "://" not in want and want != "auto" and port(gcs) != port(want):
+            raise FeatureStoreError(f"Ray in this process is connected to {gcs}, not to RAY_ADDRESS={want}: "
+                                    "Feast's Ray offline store would run there; shut that Ray down first")
+        yield
+    finally:
+        if started: stop()
 
 
 def _online_store_name(settings: Settings) -> str:
@@ -274,7 +316,7 @@ def apply(settings: Settings | None = None) -> ApplyReport:
     settings = settings or get_settings()
     check_schema(settings)
     store = feature_store(settings)
-    with _redis_block(settings): store.apply(list(definitions(settings)))
+    with _on_ray(settings), _redis_block(settings): store.apply(list(definitions(settings)))
     return ApplyReport(source_path(settings), _registry(store), _online_store_name(settings))
 
 # %% ../nbs/03_feature_store.ipynb #5144ecc2
@@ -318,7 +360,9 @@ def materialize(settings: Settings | None = None, incremental: bool = True) -> M
     ts = Lake.from_settings(settings).read_parquet(FEATURES, columns=[ENTITY, "event_timestamp"])
     rows = ts[ts.event_timestamp.between(start, end)][ENTITY].nunique()
     store = feature_store(settings)
-    with _redis_block(settings), contextlib.redirect_stdout(io.StringIO()):  # Feast prints progress bars
+    if rows == 0 and settings.offline_store == "ray":  # Feast 0.67's Ray engine fails on an empty window (no schema)
+        return MaterializeReport(0, start, end, _online_store_name(settings), incremental)
+    with _on_ray(settings), _redis_block(settings), contextlib.redirect_stdout(io.StringIO()):  # progress bars
         if incremental: store.materialize_incremental(end_date=end)
         else: store.materialize(start_date=start, end_date=end)
     return MaterializeReport(int(rows), start, end, _online_store_name(settings), incremental)
@@ -349,7 +393,9 @@ def historical_features(settings: Settings | None, entity_df: pd.DataFrame) -> p
     ask["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True).reset_index(drop=True)
     ask["_key"] = ask.groupby([ENTITY, "event_timestamp"], sort=False).ngroup()  # Feast drops duplicate rows
     keys = ask.drop_duplicates("_key")
-    got = store.get_historical_features(entity_df=keys, features=store.get_feature_service(FEATURE_SERVICE)).to_df()
+    with _on_ray(settings):
+        service = store.get_feature_service(FEATURE_SERVICE)
+        got = store.get_historical_features(entity_df=keys, features=service).to_df()
     got = got.set_index("_key")
     filled = got.index[got[list(FEATURE_TYPES)].notna().all(axis=1)]  # unknown ids come back as nulls
     missing = ask[~ask._key.isin(filled)]
