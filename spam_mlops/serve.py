@@ -49,11 +49,18 @@ def _replica_logging():
         lg.propagate = False
 
 # %% ../nbs/06d_serve.ipynb #7cb0d843
-def deployment(config: ServeConfig, replicas: int = 1, name: str = "SpamAPI"):
-    "A bound Ray Serve application serving `config`."
+def deployment(config: ServeConfig,
+               replicas: int = 1,  # Ray Serve replicas
+               name: str = "SpamAPI",  # the deployment's name
+               replica_cpus: float = 0,  # CPUs each replica reserves (0: anywhere, even a 0-CPU head)
+               max_replicas_per_node: int | None = None):  # at most this many replicas on one node (None: no limit)
+    """A bound Ray Serve application serving `config`. On a cluster, `replica_cpus > 0` keeps replicas off a 0-CPU
+    head and `max_replicas_per_node=1` spreads them one per node; a replica lost with its node is started again
+    once a node has room."""
     from ray import serve
 
-    @serve.deployment(name=name, num_replicas=replicas, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0},
+    @serve.deployment(name=name, num_replicas=replicas, max_ongoing_requests=256,
+                      ray_actor_options={"num_cpus": replica_cpus}, max_replicas_per_node=max_replicas_per_node,
                       health_check_period_s=5, graceful_shutdown_timeout_s=30)
     @serve.ingress()
     class SpamAPI:
@@ -127,18 +134,23 @@ def start_server(app,  # a bound Ray Serve application (`deployment(...)`)
                  name: str = "spam_api",  # the Ray Serve application's name
                  num_cpus: int | None = None,  # CPUs of the local Ray (default: all)
                  tls_cert: str | None = None,  # PEM certificate: the port speaks HTTPS only, from Ray's Python proxy
-                 tls_key: str | None = None):  # its PEM key
-    "Start a Ray of this process (`spam_mlops.cluster`) and Ray Serve with `app` on `host:port`."
+                 tls_key: str | None = None,  # its PEM key
+                 address: str | None = None,  # join the Ray cluster at this GCS address instead of starting one
+                 proxy_location: str | None = None):  # where the ingress runs: EveryNode (Ray's default), HeadOnly
+    """Start a Ray of this process (`spam_mlops.cluster`), or join the cluster at `address`, and Ray Serve with `app`
+    on `host:port`. A joined cluster's nodes must already carry the ingress variables (`fast_ingress_env`, as a
+    pod's env): Serve's controller, HAProxy and replicas read them where they run, not from this driver."""
     from ray import serve
     tls = check_tls(tls_cert, tls_key)
     if tls and fast: log.warning("TLS on: HTTPS is served by Ray's Python proxy (Ray Serve's HAProxy has no TLS)")
     if fast:  # throughput-optimised mode helps the Python proxy too; variables already set win
         for k, v in fast_ingress_env().items(): os.environ.setdefault(k, v)
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "0" if tls or not fast else "1"}  # decided anew by every start
-    cluster.start(num_cpus, purpose="serve", own=True, ports=(port, metrics_port), host=host, env=env,
-                  _metrics_export_port=metrics_port, configure_logging=False)
+    if address: cluster.start(purpose="serve", settings=get_settings(ray_address=address), configure_logging=False)
+    else: cluster.start(num_cpus, purpose="serve", own=True, ports=(port, metrics_port), host=host, env=env,
+                        _metrics_export_port=metrics_port, configure_logging=False)
     http = {"host": host, "port": port, **({"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {})}
-    serve.start(http_options=http, logging_config={"log_level": "WARNING"})
+    serve.start(http_options=http, logging_config={"log_level": "WARNING"}, proxy_location=proxy_location)
     serve.run(app, name=name, route_prefix="/", blocking=False)
 
 
