@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Deploy spam_mlops to the current kubectl context, in order, waiting for each step:
 #   namespace -> Secrets (checked; generated for the local overlay) -> everything (no Job of the pipeline:
-#   it runs from CronJobs) -> MinIO, PostgreSQL, Redis ready -> bucket-init Job -> MLflow ready -> the first
-#   pipeline run, a Job from the suspended CronJob data-pipeline-bootstrap (ingest, curate, features,
-#   materialize) -> optional training/tuning RayJob -> monitoring -> the API
+#   it runs from CronJobs) -> MinIO, PostgreSQL, Redis ready -> bucket-init Job -> MLflow ready -> the data
+#   stages' RayCluster ready (curate, features run there) -> the first pipeline run, a Job from the suspended
+#   CronJob data-pipeline-bootstrap (ingest, curate, features, materialize) -> optional training/tuning
+#   RayJob -> monitoring -> the API
 # then prints where the API, MLflow and Grafana are.
 #
 # Usage: scripts/deploy.sh [--dry-run] [--train] [--tune] [--skip-pipeline] [OVERLAY]   (OVERLAY: local | prod)
@@ -185,6 +186,11 @@ wait_rollout deployment/redis
 wait_job minio-bucket-init 900
 wait_rollout deployment/mlflow
 wait_job mlflow-auth-bootstrap 900  # the writer and reader accounts and their grants (k8s/base/mlflow-auth.yaml)
+
+# the data pipeline's Ray cluster (k8s/base/pipeline-ray.yaml): curate and features are submitted to its head
+log "waiting for raycluster/spam-pipeline-ray (the data stages' Ray cluster)"
+k wait --for=jsonpath='{.status.state}'=ready raycluster/spam-pipeline-ray --timeout=900s >/dev/null \
+    || die "raycluster/spam-pipeline-ray is not ready (kubectl -n $NS describe raycluster spam-pipeline-ray)"
 
 if ((PIPELINE)); then
     # the documented first run: a Job from the suspended template, the stages as its ordered init containers

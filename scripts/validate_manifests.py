@@ -31,7 +31,7 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingA
                   "ValidatingAdmissionPolicyBinding", "ClusterPolicy"}
 APPS = ROOT / "k8s" / "apps"  # what each Argo CD Application renders (k8s/apps/all, sliced by spam-mlops/argocd-app)
 APP_LABEL = "spam-mlops/argocd-app"
-POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "RayJob"}
+POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "RayJob", "RayCluster"}
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet"}
 
 
@@ -108,24 +108,46 @@ def check_rayjob(d: dict) -> list[str]:
         p.append("a suspended RayJob needs spec.shutdownAfterJobFinishes: true (KubeRay validation)")
     if s.get("submissionMode", "K8sJobMode") not in ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"):
         p.append(f"unknown spec.submissionMode {s.get('submissionMode')}")
-    if rc:
-        head = rc.get("headGroupSpec")
-        if not head: p.append("spec.rayClusterSpec.headGroupSpec is missing")
-        else:
-            if not isinstance(head.get("rayStartParams", {}), dict):
-                p.append("headGroupSpec.rayStartParams must be a map")
-            p += _check_pod_template(head.get("template"), "headGroupSpec.template")
-            ports = {x.get("name") for c in _get(head, "template", "spec", "containers") or []
-                     for x in c.get("ports", [])}
-            if s.get("submissionMode") == "HTTPMode" and "dashboard" not in ports:
-                p.append("HTTPMode submits through the head's port named 'dashboard' (8265), which is missing")
-        for i, w in enumerate(rc.get("workerGroupSpecs") or []):
-            if not w.get("groupName"): p.append(f"workerGroupSpecs[{i}].groupName is missing")
-            p += _check_pod_template(w.get("template"), f"workerGroupSpecs[{i}].template")
-            lo, n, hi = w.get("minReplicas", 0), w.get("replicas", 0), w.get("maxReplicas", 2**31)
-            if not lo <= n <= hi: p.append(f"workerGroupSpecs[{i}]: replicas {n} not within [{lo}, {hi}]")
-        if not rc.get("rayVersion"): p.append("spec.rayClusterSpec.rayVersion is missing")
+    if rc: p += _check_ray_cluster(rc, http_mode=s.get("submissionMode") == "HTTPMode", where="spec.rayClusterSpec.")
     return p
+
+
+def _check_ray_cluster(rc: dict, http_mode: bool = False, where: str = "spec.") -> list[str]:
+    "A KubeRay cluster spec (a RayCluster's spec, a RayJob's rayClusterSpec): head, named worker groups, autoscaler."
+    p = []
+    head = rc.get("headGroupSpec")
+    if not head: p.append(f"{where}headGroupSpec is missing")
+    else:
+        if not isinstance(head.get("rayStartParams", {}), dict): p.append("headGroupSpec.rayStartParams must be a map")
+        p += _check_pod_template(head.get("template"), "headGroupSpec.template")
+        ports = {x.get("name") for c in _get(head, "template", "spec", "containers") or [] for x in c.get("ports", [])}
+        if http_mode and "dashboard" not in ports:
+            p.append("HTTPMode submits through the head's port named 'dashboard' (8265), which is missing")
+    for i, w in enumerate(rc.get("workerGroupSpecs") or []):
+        if not w.get("groupName"): p.append(f"workerGroupSpecs[{i}].groupName is missing")
+        p += _check_pod_template(w.get("template"), f"workerGroupSpecs[{i}].template")
+        lo, n, hi = w.get("minReplicas", 0), w.get("replicas", 0), w.get("maxReplicas", 2**31)
+        if not lo <= n <= hi: p.append(f"workerGroupSpecs[{i}]: replicas {n} not within [{lo}, {hi}]")
+    if not rc.get("rayVersion"): p.append(f"{where}rayVersion is missing")
+    if rc.get("enableInTreeAutoscaling"):
+        # the operator adds the autoscaler container to the head pod from autoscalerOptions: it is hardened there
+        opts, n = rc.get("autoscalerOptions") or {}, "autoscalerOptions"
+        for kind in ("requests", "limits"):
+            for r in ("cpu", "memory"):
+                if not _get(opts, "resources", kind, r): p.append(f"{n}.resources.{kind}.{r} missing")
+        sc = opts.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False: p.append(f"{n}: allowPrivilegeEscalation not false")
+        if sc.get("readOnlyRootFilesystem") is not True: p.append(f"{n}: readOnlyRootFilesystem not true")
+        if "ALL" not in (_get(sc, "capabilities", "drop") or []): p.append(f"{n}: capabilities.drop lacks ALL")
+        if _get(head, "template", "spec", "automountServiceAccountToken") is False:
+            p.append("the autoscaler needs the head pod's ServiceAccount token (automountServiceAccountToken false)")
+    return p
+
+
+def check_raycluster(d: dict) -> list[str]:
+    "KubeRay (ray.io/v1) RayCluster: its cluster spec, as a RayJob's."
+    p = [] if d.get("apiVersion") == "ray.io/v1" else [f"apiVersion {d.get('apiVersion')} is not ray.io/v1"]
+    return p + _check_ray_cluster(d.get("spec") or {})
 
 
 def check_rollout(d: dict) -> list[str]:
@@ -206,8 +228,9 @@ def check_cluster_policy(d: dict) -> list[str]:
     return p
 
 
-CUSTOM_CHECKS = {"RayJob": check_rayjob, "Rollout": check_rollout, "AnalysisTemplate": check_analysis_template,
-                 "Application": check_application, "ClusterPolicy": check_cluster_policy}
+CUSTOM_CHECKS = {"RayJob": check_rayjob, "RayCluster": check_raycluster, "Rollout": check_rollout,
+                 "AnalysisTemplate": check_analysis_template, "Application": check_application,
+                 "ClusterPolicy": check_cluster_policy}
 
 
 def check_custom(d: dict) -> list[str]:
@@ -223,8 +246,8 @@ def pod_specs(d: dict) -> list[tuple[str, dict]]:
     k, s = d.get("kind"), d.get("spec") or {}
     if k in ("Deployment", "StatefulSet", "DaemonSet", "Job"): return [("template", _get(s, "template", "spec") or {})]
     if k == "CronJob": return [("jobTemplate", _get(s, "jobTemplate", "spec", "template", "spec") or {})]
-    if k == "RayJob":
-        rc = s.get("rayClusterSpec") or {}
+    if k in ("RayJob", "RayCluster"):
+        rc = (s.get("rayClusterSpec") or {}) if k == "RayJob" else s
         out = [("head", _get(rc, "headGroupSpec", "template", "spec") or {})]
         out += [(f"worker {w.get('groupName')}", _get(w, "template", "spec") or {})
                 for w in rc.get("workerGroupSpecs") or []]
@@ -251,7 +274,7 @@ def check_hardening(d: dict) -> list[str]:
             if csc.get("readOnlyRootFilesystem") is not True: p.append(f"{n}: readOnlyRootFilesystem not true")
             if "ALL" not in (_get(csc, "capabilities", "drop") or []): p.append(f"{n}: capabilities.drop lacks ALL")
             is_init = c in (spec.get("initContainers") or [])
-            if (d.get("kind") in LONG_RUNNING or d.get("kind") == "RayJob") and not is_init:
+            if (d.get("kind") in LONG_RUNNING or d.get("kind") in ("RayJob", "RayCluster")) and not is_init:
                 for probe in ("readinessProbe", "livenessProbe"):
                     if not c.get(probe): p.append(f"{n}: {probe} missing")
     return [f"{name_of(d)}: {x}" for x in p]

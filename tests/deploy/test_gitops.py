@@ -160,7 +160,8 @@ def test_an_image_bump_changes_no_hook_and_starts_no_job(tmp_path):
     for app in ("pipeline", "serving"):
         for d in after[app]:
             if vm.name_of(d) in changed[app]:
-                assert d["kind"] in ("Deployment", "StatefulSet", "CronJob", "RayJob"), (app, vm.name_of(d))
+                workloads = ("Deployment", "StatefulSet", "CronJob", "RayJob", "RayCluster")
+                assert d["kind"] in workloads, (app, vm.name_of(d))
                 assert HOOK not in (d["metadata"].get("annotations") or {})
     # the stores' sync (MLflow runs the jobs image) may rerun a stores hook: that sync is not the serving one
     for d in after["stores"] + after["monitoring"]:

@@ -183,9 +183,11 @@ def test_pipeline_jobs_and_schedules(rendered):
     for name in ("data-pipeline", "data-pipeline-bootstrap"):
         pod = cron[name]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         stages = [(c["name"], c["args"]) for c in pod["initContainers"] + pod["containers"]]
-        assert stages == [(s, ["spam-mlops", "run", nb]) for s, nb in
-                          [("ingest", "00_ingest"), ("curate", "01_curate"), ("features", "02_features"),
-                           ("materialize", "03_feature_store")]], name
+        # curate and features are submitted to the data Ray cluster (tests/deploy/test_ray_pipeline.py)
+        submit = ["bash", "/opt/spam-pipeline/submit.sh"]
+        assert stages == [("ingest", ["spam-mlops", "run", "00_ingest"]), ("curate", [*submit, "01_curate"]),
+                          ("features", [*submit, "02_features"]),
+                          ("materialize", ["spam-mlops", "run", "03_feature_store"])], name
         source = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}.get("SPAM_MLOPS_SOURCE")
         # daily: the landing prefix; first run: the public corpus (the setting's default)
         assert source == {"data-pipeline": "s3://spam-mlops-lake/landing/", "data-pipeline-bootstrap": None}[name]
@@ -254,12 +256,13 @@ def test_drift_rbac_is_least_privilege(rendered):
     assert {v for _, _, v in ksm} == {"list", "watch"}  # read-only
     binding = objects(docs, "RoleBinding")["spam-drift-retrain"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "spam-drift", "namespace": "spam-mlops"}]
-    # only the three pods that talk to the API server mount a token
+    # only the pods that talk to the API server mount a token
     mounting = set()
     for d in docs:
         for _, spec in vm.pod_specs(d):
             if spec.get("automountServiceAccountToken") is not False: mounting.add(d["metadata"]["name"])
-    assert mounting == {"prometheus", "drift-detection", "kube-state-metrics"}
+    # (and the data pipeline's Ray head, for its autoscaler: tests/deploy/test_ray_pipeline.py checks its Role)
+    assert mounting == {"prometheus", "drift-detection", "kube-state-metrics", "spam-pipeline-ray"}
     assert objects(docs, "ServiceAccount")["default"]["automountServiceAccountToken"] is False
 
 
@@ -622,7 +625,7 @@ def _known_variables() -> set[str]:
     from spam_mlops import config
     out = set()
     for cls in (config.Settings, config.ServeSettings, config.DriftSettings, config.RetrainSettings,
-                config.BackupSettings):
+                config.BackupSettings, config.EngineSettings):
         for name, info in cls.model_fields.items():
             alias = info.validation_alias
             out |= set(map(str, alias.choices)) if isinstance(alias, AliasChoices) else {config.env_name(cls, name)}
@@ -680,10 +683,11 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
     for d in docs:
         for where, _spec in vm.pod_specs(d):
             tpl = {"Deployment": "template", "StatefulSet": "template", "Job": "template"}.get(d["kind"])
+            rc = d["spec"].get("rayClusterSpec", d["spec"])  # a RayJob's cluster, or a RayCluster's spec
             labels = (d["spec"]["template"]["metadata"]["labels"] if tpl else
                       d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"] if d["kind"] == "CronJob" else
-                      (d["spec"]["rayClusterSpec"]["headGroupSpec"] if where == "head" else
-                       d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0])["template"]["metadata"]["labels"])
+                      (rc["headGroupSpec"] if where == "head" else
+                       rc["workerGroupSpecs"][0])["template"]["metadata"]["labels"])
             pods[labels["app.kubernetes.io/name"] + ("-head" if where == "head" else "")] = labels
     pods["dns"] = {"k8s-app": "kube-dns"}
 
@@ -708,14 +712,24 @@ def test_network_policies_allow_exactly_the_needed_flows(rendered):
               ("spam-backup", "postgres", 5432), ("spam-backup", "minio", 9000),
               ("spam-backup", "internet", 443),  # the backup store is off-site (Secret spam-mlops-backup-dest)
               ("mlflow-auth-bootstrap", "mlflow", 5000),
-              ("spam-lake-maintenance", "minio", 9000), ("spam-lake-maintenance", "mlflow", 5000)]
+              ("spam-lake-maintenance", "minio", 9000), ("spam-lake-maintenance", "mlflow", 5000),
+              # the data pipeline's Ray cluster: submitted to by the pipeline Jobs, its own pods, the lake, metrics
+              ("spam-pipeline", "spam-pipeline-ray-head", 8265), ("spam-pipeline-ray", "spam-pipeline-ray-head", 6379),
+              ("spam-pipeline-ray-head", "spam-pipeline-ray", 10002), ("spam-pipeline-ray-head", "minio", 9000),
+              ("spam-pipeline-ray", "minio", 9000), ("prometheus", "spam-pipeline-ray-head", 8080),
+              ("spam-pipeline-ray-head", "internet", 6443)]  # the autoscaler -> the API server
     refused = [("spam-api", "postgres", 5432), ("spam-api", "redis", 6379), ("spam-api", "internet", 443),
                ("grafana", "mlflow", 5000), ("grafana", "minio", 9000), ("spam-pipeline", "postgres", 5432),
                ("spam-drift", "redis", 6379), ("mlflow", "redis", 6379), ("ingress", "mlflow", 5000),
                ("ingress", "grafana", 3000), ("spam-api", "spam-train-head", 8265), ("minio", "internet", 443),
                ("spam-train-head", "postgres", 5432), ("redis", "minio", 9000), ("spam-api", "prometheus", 9090),
                ("spam-backup", "redis", 6379), ("spam-backup", "mlflow", 5000),
-               ("mlflow-auth-bootstrap", "postgres", 5432), ("mlflow-auth-bootstrap", "internet", 443)]
+               ("mlflow-auth-bootstrap", "postgres", 5432), ("mlflow-auth-bootstrap", "internet", 443),
+               # the data Ray cluster is reached by the pipeline Jobs alone, and reaches only the lake
+               ("spam-api", "spam-pipeline-ray-head", 8265), ("spam-train", "spam-pipeline-ray-head", 8265),
+               ("spam-pipeline-ray-head", "spam-train-head", 6379), ("spam-drift", "spam-pipeline-ray-head", 8265),
+               ("spam-pipeline-ray-head", "redis", 6379), ("spam-pipeline-ray-head", "mlflow", 5000),
+               ("spam-pipeline-ray", "postgres", 5432), ("spam-pipeline", "spam-pipeline-ray", 10002)]
     assert [f for f in needed if not flow(*f)] == []
     assert [f for f in refused if flow(*f)] == []
 

@@ -1,4 +1,5 @@
-"""The training and tuning RayJobs, run here the way KubeRay runs them (issue 17, item 1).
+"""The training and tuning RayJobs, run here the way KubeRay runs them (issue 17, item 1), and the data pipeline's
+curate and features submitted to its RayCluster as the CronJobs do (issue 15, item 5; last test).
 
 A RayJob is a RayCluster (a head with `num-cpus: "0"` and a worker group) plus an entrypoint that KubeRay's
 submitter sends to the head's job API. The test builds that shape from separate raylets on this machine
@@ -126,3 +127,81 @@ def test_rayjob_entrypoint_runs_on_a_zero_cpu_head_and_registers_a_model(
     assert run.info.status == "FINISHED"
     print(f"{name}: {len(versions)} version(s) registered, run {run.info.run_id}; "
           f"params {json.dumps(dict(list(run.data.params.items())[:6]))}")
+
+
+# ---- the data pipeline's Ray cluster (k8s/base/pipeline-ray.yaml) and its CronJobs' submit script --------------
+@pytest.mark.slow  # two notebooks under papermill as Ray jobs: 1-2 minutes alone, several on a loaded machine
+def test_pipeline_cronjob_submits_curate_and_features_to_the_data_ray_cluster(
+        rendered, s3_env, small_corpus, tmp_path, monkeypatch):
+    """The RayCluster's shape (a head with `num-cpus: "0"`, one worker node) from separate raylets with the head pod's
+    rendered environment; the lake ingested locally (ingest stays a local-engine step); then the rendered curate and
+    features containers' command, the ConfigMap's script as the CronJob mounts it, with only RAY_ADDRESS mapped to
+    this cluster's job API. Each stage must SUCCEED as a Ray job whose driver is on the head and write with the Ray
+    engine; a retried pod of the same Job follows the run instead of submitting a second one; a failing stage fails
+    the container."""
+    from ray.job_submission import JobSubmissionClient
+
+    from spam_mlops.curate import CURATED_TABLE
+    from spam_mlops.features import FEATURES_MANIFEST
+    from spam_mlops.ingest import RAW_TABLE
+    from spam_mlops.tables import Table
+    rc = next(d for d in rendered if d["kind"] == "RayCluster" and d["metadata"]["name"] == "spam-pipeline-ray")
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    bucket = f"lake-{uuid.uuid4().hex[:10]}"
+    env = pod_env(rendered, head["template"]["spec"]["containers"][0],
+                  {"http://minio:9000": s3_env, "s3://spam-mlops-lake": f"s3://{bucket}", "/app/": f"{ROOT}/"})
+    assert env["SPAM_MLOPS_LAKE"] == f"s3://{bucket}"
+    for k, v in env.items(): monkeypatch.setenv(k, v)
+    from support import pipeline_settings
+    settings = pipeline_settings(f"s3://{bucket}", small_corpus, stages="i")
+    lake = Lake.from_settings(settings)
+
+    cron = next(d for d in rendered if d["kind"] == "CronJob" and d["metadata"]["name"] == "data-pipeline")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    stages = {c["name"]: c for c in pod["initContainers"]}
+    maps = {d["metadata"]["name"]: d["data"] for d in rendered if d["kind"] == "ConfigMap"}
+    mount = tmp_path / "submit"
+    for v in pod["volumes"]:
+        if "configMap" in v:  # the ConfigMap's files where the container mounts them
+            (path,) = {m["mountPath"] for c in stages.values() for m in c.get("volumeMounts", [])
+                       if m["name"] == v["name"]}
+            (mount / path.strip("/")).mkdir(parents=True, exist_ok=True)
+            for f, text in maps[v["configMap"]["name"]].items(): (mount / path.strip("/") / f).write_text(text)
+    job_name = f"data-pipeline-test-{uuid.uuid4().hex[:6]}"
+
+    def run_container(c: dict, cluster: LocalCluster, job: str = job_name) -> subprocess.CompletedProcess:
+        args = [a.replace("/opt/", f"{mount}/opt/") for a in c["args"]]
+        cenv = {e["name"]: e.get("value") for e in c["env"]}
+        assert cenv["RAY_ADDRESS"].startswith("http://spam-pipeline-ray-head-svc:")
+        cenv |= {"RAY_ADDRESS": cluster.dashboard_url, "JOB_NAME": job}  # the Service, and the downward API's label
+        return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), **cenv})
+
+    with LocalCluster(workers=(1,), head_cpus=0, env=env, inherit=False) as lc:
+        head_tag = lc.nodes[0]
+        jobs = JobSubmissionClient(lc.dashboard_url)
+        for stage in ("curate", "features"):
+            out = run_container(stages[stage], lc)
+            assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+            notebook = stages[stage]["args"][-1]
+            info = jobs.get_job_info(f"{job_name}-{notebook}")
+            assert info.status == "SUCCEEDED" and info.runtime_env["env_vars"] == {"SPAM_MLOPS_DATA_ENGINE": "ray"}
+            assert any(n.is_head_node and n.node_id == info.driver_node_id for n in lc.alive_nodes())
+        # a retried pod of the same Job follows the finished run: no second submission
+        again = run_container(stages["curate"], lc)
+        assert again.returncode == 0 and "already submitted" in again.stdout, again.stdout + again.stderr
+        assert len([j for j in jobs.list_jobs() if j.submission_id.startswith(job_name)]) == 2
+        # a stage that fails fails the container (the Job), its Ray job FAILED
+        bad = dict(stages["curate"], args=[*stages["curate"]["args"][:-1], "99_no_such_notebook"])
+        failed = run_container(bad, lc, job=f"{job_name}-bad")
+        assert failed.returncode != 0 and f"{job_name}-bad-99_no_such_notebook: FAILED" in failed.stdout, failed.stdout
+    assert not members(head_tag)
+
+    raw, cur = Table(lake, RAW_TABLE, settings), Table(lake, CURATED_TABLE, settings)
+    metas = [m for m in cur.history().sort_values("version").meta if isinstance(m, dict)]
+    assert metas[-1]["engine"] == "ray" and metas[-1]["raw_version"] == raw.version()
+    manifest = lake.read_json(FEATURES_MANIFEST)
+    assert manifest["engine"] == "ray" and manifest["rows"] == metas[-1]["rows_in"] > 500
+    runs = [r for r in lake.list("runs/") if r.endswith(("-01_curate.ipynb", "-02_features.ipynb"))]
+    assert len(runs) == 2, runs  # `spam-mlops run` kept each executed notebook in the lake
