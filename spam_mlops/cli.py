@@ -116,17 +116,18 @@ def _console(verbose: Annotated[bool, typer.Option("-v", "--verbose",
     if not verbose: quiet_console()
 
 # %% ../nbs/10_cli.ipynb #b342b7e3
+Engine = Annotated[str | None, typer.Option("--engine", help="local (pandas here), ray (Ray Data on RAY_ADDRESS's "
+                                             "cluster, or a local Ray) or auto. Default: SPAM_MLOPS_DATA_ENGINE")]
+
+
 @command()
 def ingest(source: Annotated[str | None, typer.Argument(help="A file, http(s) URL, s3:// object, or a landing prefix "
                                                         "(a folder, or s3://bucket/prefix/) whose new files are "
-                                                        "each taken once. Default: SPAM_MLOPS_SOURCE")] = None):
+                                                        "each taken once. Default: SPAM_MLOPS_SOURCE")] = None,
+           engine: Engine = None):
     "Ingest a batch, or each new file of a landing prefix, into the raw table; refused lines are quarantined."
-    from spam_mlops.ingest import ingest as run
-    print(run(get_settings(), source=source))
-
-
-Engine = Annotated[str | None, typer.Option("--engine", help="local (pandas here), ray (Ray Data on RAY_ADDRESS's "
-                                             "cluster, or a local Ray) or auto. Default: SPAM_MLOPS_DATA_ENGINE")]
+    from spam_mlops.engine import run
+    print(run("ingest", get_settings(), engine, source=source))
 
 
 @command()

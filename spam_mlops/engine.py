@@ -1,4 +1,4 @@
-"""Curate and features in this process (`local`) or as Ray Data tasks on a Ray cluster (`ray`, or `auto`).
+"""Ingest, curate and features in this process (`local`) or as Ray Data tasks on a Ray cluster (`ray`, or `auto`).
 
 Docs: https://spam-mlops.github.io/spam_mlops/engine.html.md"""
 
@@ -19,14 +19,14 @@ from .config import EngineSettings, Settings, get_settings
 from .curate import (CURATED_COLUMNS, CURATED_TABLE, CurateReport, curate_frame, last_raw_version,
                                 read_curated, seen_ids)
 from .features import FEATURES, FEATURES_MANIFEST, FeaturesReport, build_features, read_features
-from .ingest import RAW_TABLE, read_raw
+from .ingest import RAW_TABLE, check_lines, read_raw, split_lines
 from .cluster import start as start_ray
 from .lake import Lake
 from .tables import Table, _arrow
 
 
 # %% auto #0
-__all__ = ['table_rows', 'choose', 'write_parquet_stream', 'curate', 'features', 'run']
+__all__ = ['table_rows', 'choose', 'write_parquet_stream', 'curate', 'features', 'parse_lines', 'run']
 
 # %% ../nbs/17_engine.ipynb #43b892ea
 def table_rows(t: Table, version: int | None = None) -> int:
@@ -181,16 +181,50 @@ def features(settings: Settings | None = None, lake: Lake | None = None, full: b
     return FeaturesReport(counted["rows"], rows, version, lake.url(FEATURES))
 
 
+# %% ../nbs/17_engine.ipynb #3f8b6d21
+_CHECKED = ["line", "message_id", "label", "text", "reason", "content"]
+
+
+def _check_block(batch: pd.DataFrame) -> pd.DataFrame:
+    "Ray task: blocks of lines (`first`, `lines`) through check_lines; accepted and refused rows in one frame."
+    out = []
+    for first, lines in zip(batch["first"], batch["lines"], strict=True):
+        ok, bad = check_lines(list(lines), int(first), progress=False)
+        out += [ok.assign(reason="", content=""), bad.assign(message_id="", label="", text="")]
+    return pd.concat(out, ignore_index=True)[_CHECKED].astype({"line": "int64"})
+
+
+def parse_lines(data: bytes, settings: Settings | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "`ingest.parse_lines` as Ray Data tasks, block by block of `block_rows` lines: the same (accepted, refused)."
+    import ray
+    lines, block = split_lines(data), get_settings(EngineSettings).block_rows
+    start_ray(settings=settings or get_settings(), purpose="data")
+    items = [{"first": i + 1, "lines": lines[i:i + block]} for i in range(0, len(lines), block)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    df = ds.map_batches(_check_block, batch_format="pandas", batch_size=1).to_pandas().sort_values("line")
+    ok, bad = df.reason.eq(""), df.reason.ne("")
+    cols_ok, cols_bad = ["line", "message_id", "label", "text"], ["line", "reason", "content"]
+    return (pd.DataFrame(df.loc[ok, cols_ok].values.tolist(), columns=cols_ok),  # built as the local one builds them
+            pd.DataFrame(df.loc[bad, cols_bad].values.tolist(), columns=cols_bad))
+
+
 # %% ../nbs/17_engine.ipynb #37cbccb0
-def run(stage: str,  # "curate" or "features"
+def run(stage: str,  # "ingest", "curate" or "features"
         settings: Settings | None = None,  # lake and S3 settings (default: the environment)
         engine: str | None = None,  # local, ray or auto (default: SPAM_MLOPS_DATA_ENGINE)
-        **kw):  # more arguments of the stage (features: full=True)
-    "Run `stage` on the chosen engine: `spam-mlops curate|features --engine ...`."
+        **kw):  # more arguments of the stage (ingest: source=...; features: full=True)
+    "Run `stage` on the chosen engine: `spam-mlops ingest|curate|features --engine ...`."
     from spam_mlops import curate as local_curate
     from spam_mlops import features as local_features
+    from spam_mlops import ingest as local_ingest
     settings = settings or get_settings()
     es = get_settings(EngineSettings, **({"engine": engine} if engine else {}))
+    if stage == "ingest":  # `auto` decides per batch, on its line count
+
+        def parse(data: bytes):
+            ray_ = choose(es, data.count(b"\n")) == "ray"
+            return parse_lines(data, settings) if ray_ else local_ingest.parse_lines(data)
+        return local_ingest.ingest(settings, parse=parse, **kw)
     raw = Table(Lake.from_settings(settings), RAW_TABLE, settings)
     chosen = choose(es, table_rows(raw) if es.engine == "auto" and raw.exists() else 0)
     fns = {"local": {"curate": local_curate.curate, "features": local_features.features},

@@ -37,8 +37,9 @@ from .tables import Table, written_table
 
 # %% auto #0
 __all__ = ['RAW_TABLE', 'BATCHES_TABLE', 'RAW_COLUMNS', 'QUARANTINE', 'MANIFEST', 'RAW_CSV', 'LABELS', 'IngestError',
-           'message_id', 'batch_id', 'fetch_source', 'is_landing', 'landing_files', 'parse_lines', 'split_conflicts',
-           'IngestReport', 'ingest_batch', 'LandingReport', 'ingest_landing', 'ingest', 'read_raw']
+           'message_id', 'batch_id', 'fetch_source', 'is_landing', 'landing_files', 'split_lines', 'check_lines',
+           'parse_lines', 'split_conflicts', 'IngestReport', 'ingest_batch', 'LandingReport', 'ingest_landing',
+           'ingest', 'read_raw']
 
 # %% ../nbs/00_ingest.ipynb #edebec92
 RAW_TABLE, BATCHES_TABLE = "raw", "batches"  # tables (spam_mlops.tables): one row per message, one per batch
@@ -149,19 +150,32 @@ def _check(raw: bytes) -> tuple[str | None, str | None, str | None]:
     return label, text, None
 
 
-def parse_lines(data: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Split the corpus into accepted rows (line, message_id, label, text) and refused ones (line, reason, content)."
+def split_lines(data: bytes) -> list[bytes]:
+    "The batch's lines (without the newline that ends the last one); an empty batch is an error."
     if not data.strip(): raise IngestError("source is empty")
     lines = data.split(b"\n")
     if lines[-1] == b"": lines.pop()  # the newline that ends the last line
+    return lines
+
+
+def check_lines(lines: list[bytes],  # raw lines of a batch, without their newlines
+                first: int = 1,  # the line number of lines[0] in its batch
+                progress: bool = True):  # a progress bar (off in the Ray engine's tasks)
+    "Accepted rows (line, message_id, label, text) and refused ones (line, reason, content) of `lines`."
     ok, bad = [], []
-    for n, raw in enumerate(tqdm(lines, desc="validate", unit="line", leave=False, mininterval=1), start=1):
+    for n, raw in enumerate(tqdm(lines, desc="validate", unit="line", leave=False, mininterval=1,
+                                 disable=not progress), start=first):
         raw = raw.removesuffix(b"\r")
         label, text, reason = _check(raw)
         if reason: bad.append((n, reason, raw.decode("utf-8", "backslashreplace")))
         else: ok.append((n, message_id(text), label, text))
     return (pd.DataFrame(ok, columns=["line", "message_id", "label", "text"]),
             pd.DataFrame(bad, columns=["line", "reason", "content"]))
+
+
+def parse_lines(data: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Split the corpus into accepted rows (line, message_id, label, text) and refused ones (line, reason, content)."
+    return check_lines(split_lines(data))
 
 # %% ../nbs/00_ingest.ipynb #f5a6b7c8
 def split_conflicts(accepted: pd.DataFrame,  # parse_lines' accepted rows: line, message_id, label, text
@@ -229,6 +243,7 @@ def ingest_batch(data: bytes,  # the batch's bytes (a zip already extracted)
                  settings: Settings | None = None,  # lake and S3 settings (default: the environment)
                  lake: Lake | None = None,  # the lake (default: settings.lake)
                  expected_sha256: str | None = None,  # refuse the batch unless its sha256 is this
+                 parse=parse_lines,  # bytes -> (accepted, refused), as parse_lines (the Ray engine's runs as tasks)
                  ) -> IngestReport:
     "Validate one batch, MERGE its new messages into `raw`, record it in `batches`; a known sha256 is a no-op."
     settings = settings or get_settings()
@@ -239,7 +254,7 @@ def ingest_batch(data: bytes,  # the batch's bytes (a zip already extracted)
     bid, raw, batches = batch_id(sha), Table(lake, RAW_TABLE, settings), Table(lake, BATCHES_TABLE, settings)
     done = batches.read(filters=[("source_sha256", "=", sha)]) if batches.exists() else pd.DataFrame()
     if len(done): return _unchanged(done.iloc[0], source)
-    accepted, refused = parse_lines(data)
+    accepted, refused = parse(data)
     lines = len(accepted) + len(refused)
     known = raw.read(columns=["message_id", "label", "batch_id"]) if raw.exists() else pd.DataFrame()
     rows, clash = split_conflicts(accepted, known)
@@ -276,7 +291,8 @@ class LandingReport:
                           f"{self.skipped} already taken, {len(self.failed)} failed; {new} new rows{bad}"])
 
 
-def ingest_landing(prefix: str, settings: Settings | None = None, lake: Lake | None = None) -> LandingReport:
+def ingest_landing(prefix: str, settings: Settings | None = None, lake: Lake | None = None,
+                   parse=parse_lines) -> LandingReport:
     "Ingest, in name order, each file of the landing `prefix` whose URI `batches` does not hold yet."
     settings = settings or get_settings()
     lake = lake or Lake.from_settings(settings)
@@ -285,7 +301,7 @@ def ingest_landing(prefix: str, settings: Settings | None = None, lake: Lake | N
     files = landing_files(prefix, settings)
     report = LandingReport(prefix, [], sum(f in taken for f in files))
     for f in tqdm([f for f in files if f not in taken], desc="landing", unit="file", leave=False):
-        try: report.batches.append(ingest_batch(fetch_source(f, settings), f, settings, lake))
+        try: report.batches.append(ingest_batch(fetch_source(f, settings), f, settings, lake, parse=parse))
         except IngestError as e: report.failed[f] = str(e)
     if report.failed: raise IngestError(str(report))
     return report
@@ -294,14 +310,15 @@ def ingest_landing(prefix: str, settings: Settings | None = None, lake: Lake | N
 def ingest(settings: Settings | None = None,  # lake, source and S3 settings (default: the environment)
            source: str | None = None,  # a file, http(s) URL, s3:// object or landing prefix (default: settings.source)
            lake: Lake | None = None,  # the lake (default: settings.lake)
+           parse=parse_lines,  # how lines are validated: parse_lines here, or the Ray engine's tasks
            ) -> IngestReport | LandingReport:
     "Ingest SOURCE: one batch, or each new file of a landing prefix."
     settings = settings or get_settings()
     source = source or settings.source
     lake = lake or Lake.from_settings(settings)
-    if is_landing(source): return ingest_landing(source, settings, lake)
+    if is_landing(source): return ingest_landing(source, settings, lake, parse)
     expected = settings.expected_source_sha256 if source == settings.source else None
-    return ingest_batch(fetch_source(source, settings), source, settings, lake, expected)
+    return ingest_batch(fetch_source(source, settings), source, settings, lake, expected, parse)
 
 
 def read_raw(lake: Lake, version: int | None = None, settings: Settings | None = None) -> pd.DataFrame:
