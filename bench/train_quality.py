@@ -6,7 +6,8 @@ Prints the machine, the split, each model's test metrics and training time. Trai
 `fit_model` loop that Ray Train and Ray Tune run (`--ray N` also trains through TensorflowTrainer with N workers).
 `--nodes 2` starts a local two-node cluster (a 0-CPU head and two 1-CPU worker nodes, `cluster.LocalCluster`) and
 trains, for each seed, through Ray Train with 1 worker and with 2 workers on the two nodes (each reading its own
-shard), at the same global batch (1 x 2B vs 2 x B), then prints the mean and spread of each over the seeds.
+shard), at the same global batch (1 x 2B vs 2 x B), then prints the mean and spread of each over the seeds
+(the in-process seeds are left out then).
 The training frame comes from Feast's historical retrieval as in `spam-mlops train` (run `spam-mlops feast-apply`
 on that lake first), or with `--source lake` from the lake's features Parquet directly (the same frame).
 """
@@ -83,8 +84,9 @@ def main():
         else:
             p = predict_texts(export_model(data["vocabulary"], net, c["max_len"]), test.clean_text)
         rows[name] = evaluate(test.y.values, p) | {"train_s": secs, "epochs": len(hist)}
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[name].items()), flush=True)
 
-    for s in range(a.seeds):
+    for s in range(a.seeds if not a.nodes else 0):  # --nodes compares Ray Train runs only
         lstm(f"LSTM seed {cfg['seed'] + s}", cfg | {"seed": cfg["seed"] + s})
     if a.features:
         for s in range(a.seeds):
