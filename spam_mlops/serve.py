@@ -126,6 +126,9 @@ def check_tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
     return cert, key
 
 # %% ../nbs/06d_serve.ipynb #235557fa
+_PICKED: dict[str, str] = {}  # the ingress variables start_server set itself
+
+
 def start_server(app,  # a bound Ray Serve application (`deployment(...)`)
                  port: int = 8000,  # the API's port
                  host: str = "0.0.0.0",  # nosec B104: a server listens for the cluster; NetworkPolicies limit who
@@ -143,8 +146,9 @@ def start_server(app,  # a bound Ray Serve application (`deployment(...)`)
     from ray import serve
     tls = check_tls(tls_cert, tls_key)
     if tls and fast: log.warning("TLS on: HTTPS is served by Ray's Python proxy (Ray Serve's HAProxy has no TLS)")
-    if fast:  # throughput-optimised mode helps the Python proxy too; variables already set win
-        for k, v in fast_ingress_env().items(): os.environ.setdefault(k, v)
+    if fast:  # throughput-optimised mode helps the Python proxy too; variables set by the operator win, but the
+        for k, v in fast_ingress_env().items():  # ports an earlier start picked are picked anew (taken since)
+            if os.environ.setdefault(k, v) == _PICKED.get(k, v): os.environ[k] = _PICKED[k] = v
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "0" if tls or not fast else "1"}  # decided anew by every start
     if address: cluster.start(purpose="serve", settings=get_settings(ray_address=address), configure_logging=False)
     else: cluster.start(num_cpus, purpose="serve", own=True, ports=(port, metrics_port), host=host, env=env,
