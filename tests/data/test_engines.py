@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from support import corpus_path
+from support import corpus_path, worker_nodes
 
 from spam_mlops.config import get_settings
 from spam_mlops.curate import CONFLICTS, read_curated
@@ -81,5 +81,5 @@ def test_ray_engine_equals_the_local_engine_on_two_nodes(two_nodes, tmp_path, mo
     done = list_tasks(address=two_nodes.dashboard_url, filters=[("state", "=", "FINISHED")], limit=10_000,
                       raise_on_missing_output=False)
     nodes = {t.node_id for t in done if "MapBatches" in t.name}
-    workers = {n.node_id for n in two_nodes.alive_nodes() if not n.is_head_node}
+    workers = worker_nodes(two_nodes)
     assert len(workers) == 2 and nodes == workers, (nodes, workers)  # the work ran on both worker nodes

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from support import feature_repo_copy
+from support import feature_repo_copy, worker_nodes
 
 from spam_mlops import cluster
 from spam_mlops.config import ConfigError, get_settings
@@ -87,7 +87,7 @@ def test_historical_retrieval_on_ray_equals_the_file_store(stores, offline, two_
     by_id = offline.set_index("message_id").loc[asked.message_id, list(FEATURE_TYPES)].reset_index(drop=True)
     pd.testing.assert_frame_equal(got[list(FEATURE_TYPES)], by_id.astype(FEATURE_TYPES))  # the lake's values
     new = {t: n for t, n in _cluster_tasks(two_nodes).items() if t not in before}
-    workers = {n.node_id for n in two_nodes.alive_nodes() if not n.is_head_node}
+    workers = worker_nodes(two_nodes)
     # ran on the cluster's worker nodes (Ray Data's 0-CPU bookkeeping tasks may stay on the head)
     assert set(new.values()) & workers, (len(new), set(new.values()), workers)
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 from serve_helpers import replica_states, wait_ready
-from support import SPAM_TEXT, free_port, train_champion, wait_until
+from support import SPAM_TEXT, free_port, train_champion, wait_until, worker_nodes
 
 from spam_mlops import cluster
 from spam_mlops import serve as sv
@@ -38,11 +38,6 @@ def replicas(c: cluster.LocalCluster) -> dict[str, str]:
     actors = list_actors(address=c.dashboard_url, detail=True, filters=[("state", "=", "ALIVE")], limit=1000,
                          raise_on_missing_output=False)
     return {a.actor_id: a.node_id for a in actors if a.class_name == f"ServeReplica:{APP}:{DEPLOYMENT}"}
-
-
-def workers(c: cluster.LocalCluster) -> set[str]:
-    "Node ids of the alive worker nodes (not the head)."
-    return {n.node_id for n in c.alive_nodes() if not n.is_head_node}
 
 
 def predict(url: str) -> requests.Response:
@@ -96,11 +91,12 @@ def api(tmp_path_factory):
 def test_replicas_on_both_worker_nodes_behind_haproxy(api):
     c = api["cluster"]
     placed = replicas(c)
-    assert len(placed) == 2 and set(placed.values()) == workers(c) and len(workers(c)) == 2, (placed, workers(c))
+    nodes = worker_nodes(c)
+    assert len(placed) == 2 and set(placed.values()) == nodes and len(nodes) == 2, (placed, nodes)
     r = predict(api["url"])
     assert r.status_code == 200 and r.json()["prediction"] in ("spam", "ham"), r.text
     assert r.json()["model_version"] == api["version"]
-    head = [p for p in haproxies(api["workdir"])]
+    head = haproxies(api["workdir"])
     assert len(head) >= 1, "no HAProxy runs with this server's configuration"
     head_tag = c.nodes[0]
     assert all(p.pid in {m.pid for m in cluster.members(head_tag)} for p in head), "HAProxy runs outside the head"
@@ -111,22 +107,22 @@ def test_node_failure_under_load(api):
     joins a few seconds later. Errors (non-200 answers and transport errors) stay under 1 % of the requests, and
     within 60 s of the rejoin a replica runs on the new node, 2 replicas run and the API answers."""
     c, url = api["cluster"], api["url"]
-    nodes = workers(c)
+    nodes = worker_nodes(c)
     out: dict = {}
     load = threading.Thread(target=lambda: out.update(hey(f"{url}/api/predict", EPISODE_S, rate=RATE, conc=20)))
     load.start()
     try:
         time.sleep(KILL_AT_S)
         killed = c.kill_node(2)  # the second worker node: raylet, its replica, agents; SIGKILL, as a lost machine
-        wait_until(lambda: len(workers(c)) == 1, 60, "the GCS to mark the killed node dead")
-        victim = (nodes - workers(c)).pop()
+        wait_until(lambda: len(worker_nodes(c)) == 1, 60, "the GCS to mark the killed node dead")
+        victim = (nodes - worker_nodes(c)).pop()
         time.sleep(REJOIN_AFTER_S)
-        old = workers(c)
+        old = worker_nodes(c)
         c.add_node(1)
         rejoined = time.monotonic()
         api["tags"].append(c.nodes[max(c.nodes)])
-        new = workers(c) - old
-        assert len(new) == 1, (old, workers(c))
+        new = worker_nodes(c) - old
+        assert len(new) == 1, (old, worker_nodes(c))
         new_node = new.pop()
     finally:
         load.join()

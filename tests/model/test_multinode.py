@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from support import worker_nodes
 
 from spam_mlops import cluster
 from spam_mlops.config import get_settings
@@ -27,10 +28,6 @@ def _actors(c: cluster.LocalCluster) -> dict[str, tuple[str, str]]:
     return {a.actor_id: (a.class_name, a.node_id) for a in got}
 
 
-def _workers(c: cluster.LocalCluster) -> set[str]:
-    return {n.node_id for n in c.alive_nodes() if not n.is_head_node}
-
-
 def test_training_puts_its_two_workers_on_two_nodes(two_nodes, pipeline_lake, tmp_path):
     c = DEFAULT_CONFIG | TINY
     data, parts = _prepare(Lake.from_settings(pipeline_lake), 1500, 42, c)
@@ -39,7 +36,7 @@ def test_training_puts_its_two_workers_on_two_nodes(two_nodes, pipeline_lake, tm
     net, hist = run_trainer(c, data, workers=2, settings=settings)
     new = {k: v for k, v in _actors(two_nodes).items() if k not in before}
     placed = [node for name, node in new.values() if name == "RayTrainWorker"]
-    assert len(placed) == 2 and set(placed) == _workers(two_nodes), new  # one worker per worker node
+    assert len(placed) == 2 and set(placed) == worker_nodes(two_nodes), new  # one worker per worker node
     assert len(hist) == TINY["epochs"]
     test = parts["test"]
     sharded = evaluate(test.y.values, predict_texts(export_model(data["vocabulary"], net, c["max_len"]),
@@ -67,4 +64,4 @@ def test_tuning_trials_run_on_both_nodes(two_nodes, pipeline_lake, tmp_path, mon
     assert rep.trials == 2 and rep.errored == 0, rep.table
     new = {k: v for k, v in _actors(two_nodes).items() if k not in before}
     trials = {node for name, node in new.values() if "run_trial" in name or "ImplicitFunc" in name}
-    assert trials == _workers(two_nodes), sorted({name for name, _ in new.values()})  # trials on both nodes
+    assert trials == worker_nodes(two_nodes), sorted({name for name, _ in new.values()})  # trials on both nodes

@@ -22,6 +22,7 @@ from .servers import (
     tool,
     wait_http,
     wait_until,
+    worker_nodes,
 )
 
 __all__ = ["BIN", "IN_CI", "PG", "PROMETHEUS_HINT", "ROOT", "SHARED_CORPUS", "SPAM_TEXT", "ManagedServer",
@@ -29,4 +30,4 @@ __all__ = ["BIN", "IN_CI", "PG", "PROMETHEUS_HINT", "ROOT", "SHARED_CORPUS", "SP
            "answers", "cli_server", "corpus_path", "demo_model", "feature_repo_copy", "free_port", "group_members",
            "mlflow_server", "moto_server", "pg_exec", "pipeline_settings", "prom_query", "prometheus_server",
            "pushgateway_server", "register_champion", "require", "tool", "train_champion", "wait_http",
-           "wait_until"]
+           "wait_until", "worker_nodes"]

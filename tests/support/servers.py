@@ -254,3 +254,8 @@ def cli_server(args: list[str], ready: str | Callable[[], object], log: Path,
                env: dict[str, str] | None = None) -> ManagedServer:
     "`spam-mlops <args>` (e.g. serve ...) as a managed server. Not started yet."
     return ManagedServer([BIN / "spam-mlops", *args], ready, log, env=env, name=f"spam-mlops {args[0]}")
+
+
+def worker_nodes(c) -> set[str]:
+    "Node ids of the alive worker nodes (not the head) of a `cluster.LocalCluster`, by Ray's state API."
+    return {n.node_id for n in c.alive_nodes() if not n.is_head_node}
