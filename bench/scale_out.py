@@ -62,10 +62,10 @@ def build_raw(lake_dir: Path, n: int) -> None:
 
 
 class PeakMemory:
-    """Sums of PSS and of RSS over a process tree (and the processes `extra()` names), sampled every 0.5 s; `.peak`
-    and `.peak_rss` in bytes."""
+    """Sums of PSS and of RSS over a process tree (and the processes `extra()` names), sampled every 0.5 s;
+    `.peak_pss` and `.peak_rss` in bytes."""
     def __init__(self, root: psutil.Process, extra=lambda: []):
-        self.root, self.extra, self.peak, self.peak_rss, self._stop = root, extra, 0, 0, threading.Event()
+        self.root, self.extra, self.peak_pss, self.peak_rss, self._stop = root, extra, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -78,7 +78,7 @@ class PeakMemory:
                     m = p.memory_full_info()  # /proc/PID/smaps_rollup
                     pss, rss = pss + m.pss, rss + m.rss
                 except psutil.Error: pass
-            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
             self._stop.wait(0.5)
 
     def __enter__(self):
@@ -93,15 +93,15 @@ class PeakMemory:
 def run_stages(lake_dir: Path, env: dict, extra=lambda: []) -> tuple[float, int, int, str]:
     "Seconds for curate + features, peak summed PSS and RSS, and their output lines."
     t0, out = time.perf_counter(), []
-    peak = peak_rss = 0
+    peak_pss = peak_rss = 0
     for stage in ("curate", "features"):
         proc = subprocess.Popen([CLI, stage], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with PeakMemory(psutil.Process(proc.pid), extra) as mem:
             text, _ = proc.communicate()
         if proc.returncode: raise SystemExit(f"{stage} failed:\n{text[-3000:]}")
         out.append(next((ln for ln in text.splitlines() if ln.startswith(f"{stage}:")), text.strip()[-200:]))
-        peak, peak_rss = max(peak, mem.peak), max(peak_rss, mem.peak_rss)
-    return time.perf_counter() - t0, peak, peak_rss, "; ".join(out)
+        peak_pss, peak_rss = max(peak_pss, mem.peak_pss), max(peak_rss, mem.peak_rss)
+    return time.perf_counter() - t0, peak_pss, peak_rss, "; ".join(out)
 
 
 def main():
@@ -129,7 +129,7 @@ def main():
                 env = child_env(SPAM_MLOPS_LAKE=str(lake), SPAM_MLOPS_DATA_ENGINE=engine.split("-")[0],
                                 SPAM_MLOPS_DATA_BLOCK_ROWS=str(args.block_rows), RAY_DATA_DISABLE_PROGRESS_BARS="1")
                 env.pop("RAY_ADDRESS", None)
-                if engine == "local": secs, peak, rss, out = run_stages(lake, env)
+                if engine == "local": secs, pss, rss, out = run_stages(lake, env)
                 else:
                     shape = {"workers": (), "head_cpus": 2} if engine == "ray-1" else {"workers": (1, 1)}
                     t0 = time.perf_counter()
@@ -137,9 +137,9 @@ def main():
                         print(f"  ({engine}: the local cluster started in {time.perf_counter() - t0:.0f} s, not "
                               "counted)", flush=True)
                         nodes = lambda c=c: [p for tag in c.nodes.values() for p in cluster.members(tag)]  # noqa: E731
-                        secs, peak, rss, out = run_stages(lake, env | {"RAY_ADDRESS": c.address}, nodes)
-                results[(engine, n)] = (secs, peak)
-                print(f"{engine:6} {n:>11,}: {n / secs:>9,.0f} msg/s, {secs:7.1f} s, peak PSS {peak / 2**30:5.2f} GiB"
+                        secs, pss, rss, out = run_stages(lake, env | {"RAY_ADDRESS": c.address}, nodes)
+                results[(engine, n)] = (secs, pss)
+                print(f"{engine:6} {n:>11,}: {n / secs:>9,.0f} msg/s, {secs:7.1f} s, peak PSS {pss / 2**30:5.2f} GiB"
                       f" (RSS {rss / 2**30:5.2f} GiB)  [{out}]", flush=True)
                 shutil.rmtree(lake, ignore_errors=True)
     finally:
